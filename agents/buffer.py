@@ -1,0 +1,128 @@
+"""Rollout storage and the advantage estimators, kept free of any env or policy knowledge."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_values: torch.Tensor,
+    terminated: torch.Tensor,
+    episode_end: torch.Tensor,
+    *,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, computed backwards over a rollout.
+
+    All inputs are ``[T, N]`` (steps x envs). ``next_values[t]`` is V of the state reached by step
+    ``t``: the next stored value inside an episode, the final observation's value when the episode
+    was cut by a time limit, anything when it terminated. ``terminated[t]`` (1.0/0.0) drops the
+    bootstrap; ``episode_end[t]`` (terminated or truncated) stops the lambda-trace from leaking
+    into the next episode. Returns ``(advantages, returns)`` with ``returns = advantages + values``.
+    """
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
+        last = delta + gamma * gae_lambda * (1.0 - episode_end[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def compute_mc_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_values: torch.Tensor,
+    terminated: torch.Tensor,
+    episode_end: torch.Tensor,
+    *,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Discounted Monte-Carlo returns minus the value baseline (REINFORCE with baseline).
+
+    The return is bootstrapped only where the episode is cut before it ends (time limit or the
+    end of the rollout); that is GAE with lambda = 1, which is exactly this estimator.
+    """
+    return compute_gae(
+        rewards, values, next_values, terminated, episode_end, gamma=gamma, gae_lambda=1.0
+    )
+
+
+@dataclass
+class Minibatch:
+    """One shuffled slice of the flattened rollout."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor
+
+
+class RolloutBuffer:
+    """Fixed-size ``[num_steps, num_envs]`` storage of one rollout.
+
+    ``mask`` is 0 for transitions that must not be trained on (a vector env's reset step in
+    Gymnasium's next-step autoreset mode, or padding on the text side); losses weight by it.
+    ``final_values`` holds V(final observation) where an episode was truncated mid-rollout.
+    """
+
+    def __init__(
+        self, num_steps: int, num_envs: int, obs_shape: tuple[int, ...], action_shape: tuple[int, ...],
+        *, obs_dtype: torch.dtype = torch.float32, action_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (num_steps, num_envs)
+        self.num_steps, self.num_envs = num_steps, num_envs
+        self.obs = torch.zeros(shape + obs_shape, dtype=obs_dtype)
+        self.actions = torch.zeros(shape + action_shape, dtype=action_dtype)
+        self.logprobs = torch.zeros(shape)
+        self.rewards = torch.zeros(shape)
+        self.values = torch.zeros(shape)
+        self.terminated = torch.zeros(shape)
+        self.episode_end = torch.zeros(shape)
+        self.mask = torch.ones(shape)
+        self.final_values = torch.zeros(shape)
+        self.has_final_value = torch.zeros(shape, dtype=torch.bool)
+        self.advantages = torch.zeros(shape)
+        self.returns = torch.zeros(shape)
+
+    def next_values(self, last_value: torch.Tensor) -> torch.Tensor:
+        """V(s_{t+1}) for every step: the following stored value, or the final obs's value."""
+        following = torch.cat([self.values[1:], last_value.reshape(1, -1)], dim=0)
+        return torch.where(self.has_final_value, self.final_values, following)
+
+    def compute_advantages(
+        self, last_value: torch.Tensor, *, gamma: float, gae_lambda: float, estimator: str
+    ) -> None:
+        """Fill ``advantages`` and ``returns`` with the chosen estimator (``"gae"`` or ``"mc"``)."""
+        args = (self.rewards, self.values, self.next_values(last_value), self.terminated, self.episode_end)
+        if estimator == "mc":
+            self.advantages, self.returns = compute_mc_advantages(*args, gamma=gamma)
+        else:
+            self.advantages, self.returns = compute_gae(*args, gamma=gamma, gae_lambda=gae_lambda)
+
+    def minibatches(self, num_minibatches: int, generator: torch.Generator) -> Iterator[Minibatch]:
+        """Yield ``num_minibatches`` disjoint random slices of the flattened rollout."""
+        n = self.num_steps * self.num_envs
+        order = torch.randperm(n, generator=generator)
+        size = n // num_minibatches
+        flat = {
+            "obs": self.obs.reshape((n,) + self.obs.shape[2:]),
+            "actions": self.actions.reshape((n,) + self.actions.shape[2:]),
+            "logprobs": self.logprobs.reshape(n),
+            "values": self.values.reshape(n),
+            "advantages": self.advantages.reshape(n),
+            "returns": self.returns.reshape(n),
+            "mask": self.mask.reshape(n),
+        }
+        for start in range(0, size * num_minibatches, size):
+            index = order[start : start + size]
+            yield Minibatch(**{key: value[index] for key, value in flat.items()})

@@ -1,0 +1,77 @@
+"""Running statistics for observation normalisation and reward scaling (saved in checkpoints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class RunningMeanStd:
+    """Mean and variance of a stream of batches (Chan et al.'s parallel update), in float64."""
+
+    def __init__(self, shape: tuple[int, ...] = ()) -> None:
+        self.mean = np.zeros(shape, dtype=np.float64)
+        self.var = np.ones(shape, dtype=np.float64)
+        self.count = 1e-4
+
+    def update(self, batch: np.ndarray) -> None:
+        batch = np.asarray(batch, dtype=np.float64)
+        batch_mean, batch_var, batch_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean = self.mean + delta * batch_count / total
+        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.var = m2 / total
+        self.count = total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.copy(), "var": self.var.copy(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean, self.var, self.count = np.array(state["mean"]), np.array(state["var"]), float(state["count"])
+
+
+class ObservationNormalizer:
+    """``clip((obs - mean) / sqrt(var + eps))``; identity when disabled."""
+
+    def __init__(self, shape: tuple[int, ...], *, enabled: bool, clip: float, eps: float = 1e-8) -> None:
+        self.enabled, self.clip, self.eps = enabled, clip, eps
+        self.stats = RunningMeanStd(shape)
+
+    def __call__(self, obs: np.ndarray, *, update: bool = False) -> np.ndarray:
+        if not self.enabled:
+            return obs
+        if update:
+            self.stats.update(obs)
+        normalized = (obs - self.stats.mean) / np.sqrt(self.stats.var + self.eps)
+        return np.clip(normalized, -self.clip, self.clip).astype(np.float32)
+
+
+class RewardScaler:
+    """Divide rewards by the running std of the discounted return (as SB3's VecNormalize does).
+
+    Scaling by the return's spread, not the reward's, keeps value targets near unit size whatever
+    the horizon; the mean is not subtracted, so the sign of every reward survives.
+    """
+
+    def __init__(self, num_envs: int, *, enabled: bool, gamma: float, clip: float, eps: float = 1e-8) -> None:
+        self.enabled, self.gamma, self.clip, self.eps = enabled, gamma, clip, eps
+        self.stats = RunningMeanStd(())
+        self.discounted_return = np.zeros(num_envs, dtype=np.float64)
+
+    def __call__(self, rewards: np.ndarray, episode_end: np.ndarray) -> np.ndarray:
+        if not self.enabled:
+            return rewards
+        self.discounted_return = self.discounted_return * self.gamma + rewards
+        self.stats.update(self.discounted_return)
+        self.discounted_return[episode_end] = 0.0
+        scaled = rewards / np.sqrt(self.stats.var + self.eps)
+        return np.clip(scaled, -self.clip, self.clip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": self.stats.state_dict(), "discounted_return": self.discounted_return.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats.load_state_dict(state["stats"])
+        self.discounted_return = np.array(state["discounted_return"])

@@ -1,0 +1,364 @@
+"""Proximal Policy Optimization: learn() -> collect_rollout() -> advantages -> update().
+
+One class for every env: the policy hides what the observations and actions are, the buffer
+hides how they are stored, and this file only runs the algorithm (Schulman et al. 2017).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+
+from agents import checkpoint
+from agents.buffer import Minibatch, RolloutBuffer
+from agents.config import PPOConfig, replace, resolve_config
+from agents.envs import autoreset_mode, env_id_of, make_vector_env
+from agents.logger import Logger
+from agents.losses import clipped_surrogate, kl_penalty_surrogate, masked_mean, value_loss
+from agents.normalize import ObservationNormalizer, RewardScaler
+from agents.policies import make_policy
+
+Callback = Callable[["PPO"], "bool | None"]
+
+
+class PPO:
+    """PPO for any Gymnasium env with Discrete or Box actions.
+
+    ``PPO(env, config, logdir=...)`` takes an env id (vectorised with ``config.num_envs`` copies),
+    a ``gymnasium.Env`` or a ``gymnasium.vector.VectorEnv``. Given an id with a tuned preset and
+    no config, the preset is used; fields set in ``config`` override it.
+    """
+
+    def __init__(
+        self,
+        env: str | gym.Env | VectorEnv,
+        config: PPOConfig | None = None,
+        *,
+        logdir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.env_id = env_id_of(env)
+        self.config = resolve_config(self.env_id if isinstance(env, str) else None, config)
+        cfg = self.config
+        if cfg.torch_threads is not None:
+            torch.set_num_threads(cfg.torch_threads)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.envs = make_vector_env(env, cfg)
+        if self.envs.num_envs != cfg.num_envs:  # a ready VectorEnv decides how many envs there are
+            self.config = cfg = replace(cfg, num_envs=self.envs.num_envs)
+        self.autoreset_mode = autoreset_mode(self.envs)
+        self.num_envs = self.envs.num_envs
+        obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
+        self.policy = make_policy(obs_space, action_space, cfg)
+        self.optimizer = torch.optim.Adam(
+            self.policy.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps, foreach=True
+        )
+        self.obs_normalizer = ObservationNormalizer(obs_space.shape, enabled=cfg.norm_obs, clip=cfg.clip_obs)
+        self.reward_scaler = RewardScaler(
+            self.num_envs, enabled=cfg.norm_reward, gamma=cfg.gamma, clip=cfg.clip_reward
+        )
+        self.buffer = RolloutBuffer(
+            cfg.num_steps, self.num_envs, tuple(obs_space.shape), tuple(action_space.shape),
+            action_dtype=torch.int64 if isinstance(action_space, gym.spaces.Discrete) else torch.float32,
+        )
+        self.logger = Logger(logdir)
+        self.logger.hparams(cfg.to_dict())
+        self.global_step = 0
+        self.iteration = 0
+        self.kl_beta = cfg.kl_beta
+        self.episodes: list[tuple[int, float, int]] = []
+        """Every finished training episode as ``(global_step, return, length)``."""
+        self._schedule = (0, 0)
+        self._next_obs, _ = self.envs.reset(seed=cfg.seed)
+        self._reset_pending = np.zeros(self.num_envs, dtype=bool)
+        self._episode_return = np.zeros(self.num_envs)
+        self._episode_length = np.zeros(self.num_envs, dtype=np.int64)
+
+    # ------------------------------------------------------------------ training loop
+    def learn(
+        self, total_timesteps: int, *, progress: bool = True, callback: Callback | None = None
+    ) -> PPO:
+        """Train for ``total_timesteps`` more env steps (rounded up to whole rollouts).
+
+        Calling it again continues the same run. ``callback(agent)`` runs after every update;
+        returning ``False`` stops training early.
+        """
+        if not isinstance(total_timesteps, (int, np.integer)) or total_timesteps < 1:
+            raise ValueError(f"total_timesteps={total_timesteps!r} must be a positive integer")
+        cfg = self.config
+        end = self.global_step + int(total_timesteps)
+        if self._schedule[1] != end:  # a new schedule, unless a resumed run asks for the same end
+            self._schedule = (self.global_step, end)
+        bar = _progress_bar(total_timesteps, progress)
+        while self.global_step < end:
+            start_time, start_step = time.perf_counter(), self.global_step
+            self._set_learning_rate()
+            with torch.inference_mode():
+                last_value = self.collect_rollout()
+            self.buffer.compute_advantages(
+                last_value, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, estimator=cfg.advantage
+            )
+            stats = self.update()
+            self.iteration += 1
+            stats["charts/SPS"] = (self.global_step - start_step) / (time.perf_counter() - start_time)
+            stats["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+            self.logger.scalars(stats, self.global_step)
+            if bar is not None:
+                bar.update(self.global_step - start_step)
+                recent = [ret for _, ret, _ in self.episodes[-20:]]
+                if recent:
+                    bar.set_postfix(episodic_return=f"{np.mean(recent):.1f}")
+            if callback is not None and callback(self) is False:
+                break
+        if bar is not None:
+            bar.close()
+        self.logger.flush()
+        return self
+
+    def _set_learning_rate(self) -> None:
+        start, end = self._schedule
+        lr = self.config.learning_rate
+        if self.config.anneal_lr:
+            lr *= max(0.0, 1.0 - (self.global_step - start) / max(1, end - start))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def collect_rollout(self) -> torch.Tensor:
+        """Fill the buffer with ``num_steps`` steps of every env; return V(next obs) for bootstrapping."""
+        buf, cfg = self.buffer, self.config
+        for step in range(cfg.num_steps):
+            obs = torch.as_tensor(self.obs_normalizer(self._next_obs, update=True), dtype=torch.float32)
+            action, logprob, value = self.policy.act(obs, generator=self.generator)
+            next_obs, reward, terminated, truncated, info = self.envs.step(self.policy.to_env_action(action))
+            valid = ~self._reset_pending  # next-step autoreset: this step only reset those envs
+            done = (terminated | truncated) & valid
+            self._track_episodes(np.asarray(reward, dtype=np.float64), done, valid)
+            buf.obs[step], buf.actions[step], buf.logprobs[step], buf.values[step] = obs, action, logprob, value
+            buf.rewards[step] = torch.as_tensor(self.reward_scaler(np.asarray(reward, np.float64), done))
+            buf.terminated[step] = torch.as_tensor(terminated & valid, dtype=torch.float32)
+            buf.episode_end[step] = torch.as_tensor(done, dtype=torch.float32)
+            buf.mask[step] = torch.as_tensor(valid, dtype=torch.float32)
+            buf.has_final_value[step] = False
+            cut = truncated & ~terminated & valid
+            if self.autoreset_mode == AutoresetMode.SAME_STEP and cut.any():
+                # the time limit is not a real end: bootstrap from the value of the state reached
+                final_obs = np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)])
+                final = torch.as_tensor(self.obs_normalizer(final_obs), dtype=torch.float32)
+                buf.final_values[step, torch.as_tensor(cut)] = self.policy.value(final)
+                buf.has_final_value[step] = torch.as_tensor(cut)
+            if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+                self._reset_pending = done
+            self._next_obs = next_obs
+            self.global_step += int(valid.sum())
+        obs = torch.as_tensor(self.obs_normalizer(self._next_obs), dtype=torch.float32)
+        return self.policy.value(obs)
+
+    def _track_episodes(self, reward: np.ndarray, done: np.ndarray, valid: np.ndarray) -> None:
+        self._episode_return += np.where(valid, reward, 0.0)
+        self._episode_length += valid
+        for i in np.flatnonzero(done):
+            ret, length = float(self._episode_return[i]), int(self._episode_length[i])
+            step = self.global_step + int(valid[: i + 1].sum())
+            self.episodes.append((step, ret, length))
+            self.logger.scalars({"charts/episodic_return": ret, "charts/episodic_length": length}, step)
+        self._episode_return[done] = 0.0
+        self._episode_length[done] = 0
+
+    def update(self) -> dict[str, float]:
+        """K epochs of minibatch gradient steps on the rollout; returns the losses to log."""
+        cfg = self.config
+        totals: dict[str, list[float]] = {}
+        for _epoch in range(cfg.update_epochs):
+            epoch_kl = []
+            for batch in self.buffer.minibatches(cfg.num_minibatches, self.generator):
+                losses = self._minibatch_step(batch)
+                epoch_kl.append(losses["losses/approx_kl"])
+                for key, value in losses.items():
+                    totals.setdefault(key, []).append(value)
+            if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
+                break
+        stats = {key: float(np.mean(values)) for key, values in totals.items()}
+        if cfg.policy_loss == "kl_penalty":
+            self._adapt_kl_beta(stats["losses/approx_kl"])
+            stats["losses/kl_beta"] = self.kl_beta
+        returns, values = self.buffer.returns.flatten(), self.buffer.values.flatten()
+        stats["losses/explained_variance"] = _explained_variance(values, returns)
+        return stats
+
+    def _minibatch_step(self, batch: Minibatch) -> dict[str, float]:
+        cfg = self.config
+        logprob, entropy, value = self.policy.evaluate(batch.obs, batch.actions)
+        log_ratio = logprob - batch.logprobs
+        ratio = log_ratio.exp()
+        kl_per_sample = (ratio - 1) - log_ratio  # k3: unbiased, never negative (Schulman's blog)
+        advantages = batch.advantages
+        if cfg.norm_adv:
+            mean = masked_mean(advantages, batch.mask)
+            std = masked_mean((advantages - mean) ** 2, batch.mask).sqrt()
+            advantages = (advantages - mean) / (std + 1e-8)
+        if cfg.policy_loss == "clip":
+            policy_loss = clipped_surrogate(ratio, advantages, batch.mask, cfg.clip_coef)
+        else:
+            policy_loss = kl_penalty_surrogate(ratio, advantages, kl_per_sample, batch.mask, self.kl_beta)
+        clip_range = cfg.vf_clip_coef if cfg.vf_clip_coef is not None else cfg.clip_coef
+        v_loss = value_loss(
+            value, batch.values, batch.returns, batch.mask, clip_range=clip_range if cfg.clip_vloss else None
+        )
+        entropy_mean = masked_mean(entropy, batch.mask)
+        loss = policy_loss - cfg.ent_coef * entropy_mean + cfg.vf_coef * v_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        with torch.no_grad():
+            clipped = ((ratio - 1).abs() > cfg.clip_coef).float()
+            return {
+                "losses/policy_loss": policy_loss.item(),
+                "losses/value_loss": v_loss.item(),
+                "losses/entropy": entropy_mean.item(),
+                "losses/approx_kl": masked_mean(kl_per_sample, batch.mask).item(),
+                "losses/clipfrac": masked_mean(clipped, batch.mask).item(),
+            }
+
+    def _adapt_kl_beta(self, kl: float) -> None:
+        # PPO paper, section 4: halve or double beta when the KL leaves [target/1.5, target*1.5]
+        if kl < self.config.kl_target / 1.5:
+            self.kl_beta /= 2.0
+        elif kl > self.config.kl_target * 1.5:
+            self.kl_beta *= 2.0
+
+    # ------------------------------------------------------------------ using the policy
+    def predict(self, obs: Any, *, deterministic: bool = True) -> np.ndarray:
+        """Action(s) for one observation or a batch, as the env expects them."""
+        space = self.envs.single_observation_space
+        array = np.asarray(obs, dtype=np.float32)
+        single = array.shape == tuple(space.shape)
+        if not single and array.shape[1:] != tuple(space.shape):
+            raise ValueError(
+                f"obs has shape {array.shape}; expected {tuple(space.shape)} or (batch, *{tuple(space.shape)})"
+            )
+        batch = torch.as_tensor(self.obs_normalizer(array[None] if single else array), dtype=torch.float32)
+        with torch.no_grad():
+            action, _, _ = self.policy.act(batch, deterministic=deterministic, generator=self.generator)
+        env_action = self.policy.to_env_action(action)
+        return env_action[0] if single else env_action
+
+    def evaluate(
+        self, n_episodes: int = 10, *, env: gym.Env | None = None, deterministic: bool = True, seed: int | None = None
+    ) -> tuple[float, float]:
+        """Mean and std of the undiscounted return over ``n_episodes`` on a separate env."""
+        if not isinstance(n_episodes, int) or n_episodes < 1:
+            raise ValueError(f"n_episodes={n_episodes!r} must be a positive integer")
+        if env is None:
+            if self.env_id is None:
+                raise ValueError("this agent was built from an env without a registered id; pass evaluate(env=...)")
+            env = gym.make(self.env_id)
+        seed = self.config.seed + 1_000_000 if seed is None else seed
+        returns = []
+        for episode in range(n_episodes):
+            obs, _ = env.reset(seed=seed + episode)
+            total, done = 0.0, False
+            while not done:
+                obs, reward, terminated, truncated, _ = env.step(self.predict(obs, deterministic=deterministic))
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+        env.close()
+        return float(np.mean(returns)), float(np.std(returns))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write everything needed to continue this run exactly, atomically."""
+        checkpoint.save_checkpoint(
+            {
+                "env_id": self.env_id,
+                "config": self.config.to_dict(),
+                "policy": self.policy.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "obs_normalizer": self.obs_normalizer.stats.state_dict(),
+                "reward_scaler": self.reward_scaler.state_dict(),
+                "rng": checkpoint.capture_rng(self.generator),
+                "progress": {
+                    "global_step": self.global_step, "iteration": self.iteration, "kl_beta": self.kl_beta,
+                    "schedule": self._schedule, "episodes": list(self.episodes),
+                },
+                "env_state": self._env_state(),
+            },
+            path,
+        )
+
+    def _env_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "next_obs": self._next_obs, "reset_pending": self._reset_pending,
+            "episode_return": self._episode_return, "episode_length": self._episode_length, "sub_envs": None,
+        }
+        sub_envs = getattr(self.envs, "envs", None)  # SyncVectorEnv keeps its envs in-process
+        if sub_envs is not None:
+            try:
+                state["sub_envs"] = pickle.dumps(sub_envs)
+            except Exception:  # an env that cannot be pickled restarts its episodes on load instead
+                state["sub_envs"] = None
+        return state
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], env: str | gym.Env | VectorEnv | None = None,
+        *, logdir: str | os.PathLike[str] | None = None,
+    ) -> PPO:
+        """Rebuild an agent from :meth:`save`; ``learn`` then continues the same run."""
+        state = checkpoint.load_checkpoint(path)
+        if env is None:
+            env = state["env_id"]
+            if env is None:
+                raise ValueError(
+                    f"checkpoint {os.fspath(path)!r} was trained on an unregistered env; pass load(path, env=...)"
+                )
+        agent = cls(env, PPOConfig.from_dict(state["config"]), logdir=logdir)
+        agent.policy.load_state_dict(state["policy"])
+        agent.optimizer.load_state_dict(state["optimizer"])
+        agent.obs_normalizer.stats.load_state_dict(state["obs_normalizer"])
+        agent.reward_scaler.load_state_dict(state["reward_scaler"])
+        progress = state["progress"]
+        agent.global_step, agent.iteration = progress["global_step"], progress["iteration"]
+        agent.kl_beta, agent._schedule = progress["kl_beta"], tuple(progress["schedule"])
+        agent.episodes = [tuple(e) for e in progress["episodes"]]
+        agent._restore_env_state(state["env_state"])
+        checkpoint.restore_rng(state["rng"], agent.generator)
+        return agent
+
+    def _restore_env_state(self, state: dict[str, Any]) -> None:
+        sub_envs = getattr(self.envs, "envs", None)
+        if state["sub_envs"] is None or sub_envs is None:
+            return  # fresh episodes from the reset in __init__
+        restored = pickle.loads(state["sub_envs"])
+        if len(restored) != len(sub_envs):
+            return
+        self.envs.envs = restored
+        self._next_obs, self._reset_pending = state["next_obs"], state["reset_pending"]
+        self._episode_return, self._episode_length = state["episode_return"], state["episode_length"]
+
+    def close(self) -> None:
+        self.envs.close()
+        self.logger.close()
+
+
+def _explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    variance = target.var().item()
+    return float("nan") if variance == 0 else 1.0 - (target - predicted).var().item() / variance
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=int(total), unit="step", dynamic_ncols=True)
