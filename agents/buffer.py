@@ -65,6 +65,7 @@ class Minibatch:
     advantages: torch.Tensor
     returns: torch.Tensor
     mask: torch.Tensor
+    episode_ids: torch.Tensor
 
 
 class RolloutBuffer:
@@ -109,11 +110,40 @@ class RolloutBuffer:
         else:
             self.advantages, self.returns = compute_gae(*args, gamma=gamma, gae_lambda=gae_lambda)
 
-    def minibatches(self, num_minibatches: int, generator: torch.Generator) -> Iterator[Minibatch]:
-        """Yield ``num_minibatches`` disjoint random slices of the flattened rollout."""
+    def episode_ids(self) -> torch.Tensor:
+        """``[T, N]`` ids that are equal exactly for the transitions of one episode."""
+        started_before = torch.cumsum(self.episode_end, dim=0) - self.episode_end
+        column = torch.arange(self.num_envs).expand(self.num_steps, -1)
+        return column * (self.num_steps + 1) + started_before.long()
+
+    def minibatches(
+        self, num_minibatches: int, generator: torch.Generator, *, by_episode: bool = False
+    ) -> Iterator[Minibatch]:
+        """Yield ``num_minibatches`` disjoint random slices of the flattened rollout.
+
+        ``by_episode`` keeps each episode's transitions together (shuffling whole episodes), so a
+        sequence model can re-score an episode in one forward pass.
+        """
         n = self.num_steps * self.num_envs
+        episode_ids = self.episode_ids().reshape(n)
+        if by_episode:
+            episodes = torch.unique(episode_ids)
+            shuffled = episodes[torch.randperm(len(episodes), generator=generator)]
+            rank = torch.empty_like(episodes)
+            rank[torch.searchsorted(episodes, shuffled)] = torch.arange(len(episodes))
+            group = rank[torch.searchsorted(episodes, episode_ids)] * num_minibatches // len(episodes)
+            for g in range(num_minibatches):
+                index = torch.nonzero(group == g).squeeze(-1)
+                if len(index):
+                    yield self._slice(index, episode_ids)
+            return
         order = torch.randperm(n, generator=generator)
         size = n // num_minibatches
+        for start in range(0, size * num_minibatches, size):
+            yield self._slice(order[start : start + size], episode_ids)
+
+    def _slice(self, index: torch.Tensor, episode_ids: torch.Tensor) -> Minibatch:
+        n = self.num_steps * self.num_envs
         flat = {
             "obs": self.obs.reshape((n,) + self.obs.shape[2:]),
             "actions": self.actions.reshape((n,) + self.actions.shape[2:]),
@@ -122,7 +152,6 @@ class RolloutBuffer:
             "advantages": self.advantages.reshape(n),
             "returns": self.returns.reshape(n),
             "mask": self.mask.reshape(n),
+            "episode_ids": episode_ids,
         }
-        for start in range(0, size * num_minibatches, size):
-            index = order[start : start + size]
-            yield Minibatch(**{key: value[index] for key, value in flat.items()})
+        return Minibatch(**{key: value[index] for key, value in flat.items()})

@@ -13,6 +13,7 @@ ADVANTAGE_ESTIMATORS = ("gae", "mc")
 POLICY_LOSSES = ("clip", "kl_penalty")
 VECTORIZATION_MODES = ("sync", "async")
 ACTIVATIONS = ("tanh", "relu")
+CRITICS = ("shared", "separate")
 
 
 @dataclass
@@ -77,6 +78,12 @@ class PPOConfig:
     """Hidden activation: ``"tanh"`` or ``"relu"``."""
     shared_trunk: bool = False
     """One MLP trunk for actor and critic, two heads on top; separate MLPs otherwise."""
+    critic: str = "shared"
+    """Language-model policies: ``"shared"`` puts the value head on the policy's trunk (TRL style),
+    ``"separate"`` gives the critic its own trunk (DeepSpeed-Chat style)."""
+    critic_model: str | None = None
+    """With ``critic="separate"``: a model path to initialise the critic's trunk from (e.g. a reward
+    model); ``None`` copies the policy's starting trunk."""
     log_std_init: float = 0.0
     """Initial log standard deviation of the Gaussian policy (Box action spaces)."""
     adam_eps: float = 1e-5
@@ -141,6 +148,7 @@ class PPOConfig:
         _check_choice("policy_loss", self.policy_loss, POLICY_LOSSES)
         _check_choice("vectorization", self.vectorization, VECTORIZATION_MODES)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("critic", self.critic, CRITICS)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain fields as a JSON-ready dict (what checkpoints and the CLI print)."""

@@ -5,6 +5,44 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
+# episode-end info keys some envs report (TextRLHF-v0 does), under the names TRL users read
+EPISODE_INFO_TAGS = {
+    "score": "objective/score",
+    "episode_kl": "objective/kl",
+    "completion_length": "objective/completion_length",
+    "eos": "objective/eos_fraction",
+}
+
+
+def episode_info_metrics(final_info: dict[str, Any] | None, done: np.ndarray) -> dict[str, list[float]]:
+    """Numeric episode-end values of the envs in ``done`` from a vector env's batched info dict.
+
+    Reports the known keys of ``EPISODE_INFO_TAGS`` plus every ``score/<name>`` reward component.
+    """
+    metrics: dict[str, list[float]] = {}
+    if not final_info:
+        return metrics
+    for key, values in final_info.items():
+        tag = EPISODE_INFO_TAGS.get(key) or (f"objective/{key}" if key.startswith("score/") else None)
+        if tag is None:
+            continue
+        present = final_info.get(f"_{key}", np.ones(len(done), dtype=bool))
+        metrics[tag] = [float(values[i]) for i in np.flatnonzero(done & present)]
+    return metrics
+
+
+def episode_samples(final_info: dict[str, Any] | None, done: np.ndarray) -> list[str]:
+    """``prompt -> completion (score)`` lines for a text panel, when the env reports them."""
+    if not final_info or "completion" not in final_info:
+        return []
+    present = final_info.get("_completion", np.ones(len(done), dtype=bool))
+    return [
+        f"**{final_info['prompt'][i]}** {final_info['completion'][i]} (score {float(final_info['score'][i]):.3f})"
+        for i in np.flatnonzero(done & present)
+    ]
+
 
 class Logger:
     """Writes scalars (and text) to TensorBoard when a logdir is given; does nothing otherwise.

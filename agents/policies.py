@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -136,3 +136,12 @@ def make_policy(observation_space: spaces.Space, action_space: spaces.Space, con
             "flatten it with gymnasium.wrappers.FlattenObservation"
         )
     return MLPActorCritic(observation_space, action_space, config)
+
+
+def make_policy_for_env(envs: Any, config: PPOConfig) -> nn.Module:
+    """The actor-critic for a vector env: the env's own language model for token envs, else an MLP."""
+    from agents.lm_policy import LMActorCritic, is_token_env  # transformers stays out of classic control
+
+    if is_token_env(envs):
+        return LMActorCritic(envs, config)
+    return make_policy(envs.single_observation_space, envs.single_action_space, config)

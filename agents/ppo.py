@@ -21,10 +21,10 @@ from agents import checkpoint
 from agents.buffer import Minibatch, RolloutBuffer
 from agents.config import PPOConfig, replace, resolve_config
 from agents.envs import autoreset_mode, env_id_of, make_vector_env
-from agents.logger import Logger
+from agents.logger import Logger, episode_info_metrics, episode_samples
 from agents.losses import clipped_surrogate, kl_penalty_surrogate, masked_mean, value_loss
 from agents.normalize import ObservationNormalizer, RewardScaler
-from agents.policies import make_policy
+from agents.policies import make_policy_for_env
 
 Callback = Callable[["PPO"], "bool | None"]
 
@@ -58,16 +58,23 @@ class PPO:
         self.autoreset_mode = autoreset_mode(self.envs)
         self.num_envs = self.envs.num_envs
         obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
-        self.policy = make_policy(obs_space, action_space, cfg)
+        self.policy = make_policy_for_env(self.envs, cfg)
+        self._sequence_policy = getattr(self.policy, "sequence_model", False)
         self.optimizer = torch.optim.Adam(
             self.policy.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps, foreach=True
         )
-        self.obs_normalizer = ObservationNormalizer(obs_space.shape, enabled=cfg.norm_obs, clip=cfg.clip_obs)
+        if cfg.norm_obs and not isinstance(obs_space, gym.spaces.Box):
+            raise ValueError(f"norm_obs=True needs a Box observation space, not {obs_space}; set norm_obs=False")
+        self.obs_normalizer = ObservationNormalizer(
+            tuple(getattr(obs_space, "shape", None) or ()), enabled=cfg.norm_obs, clip=cfg.clip_obs
+        )
         self.reward_scaler = RewardScaler(
             self.num_envs, enabled=cfg.norm_reward, gamma=cfg.gamma, clip=cfg.clip_reward
         )
         self.buffer = RolloutBuffer(
-            cfg.num_steps, self.num_envs, tuple(obs_space.shape), tuple(action_space.shape),
+            cfg.num_steps, self.num_envs,
+            tuple(getattr(self.policy, "obs_shape", obs_space.shape)), tuple(action_space.shape),
+            obs_dtype=getattr(self.policy, "obs_dtype", torch.float32),
             action_dtype=torch.int64 if isinstance(action_space, gym.spaces.Discrete) else torch.float32,
         )
         self.logger = Logger(logdir)
@@ -78,6 +85,11 @@ class PPO:
         self.episodes: list[tuple[int, float, int]] = []
         """Every finished training episode as ``(global_step, return, length)``."""
         self._schedule = (0, 0)
+        self._episode_metrics: dict[str, list[float]] = {}
+        self._iteration_returns: list[float] = []
+        self._samples: list[str] = []
+        self.last_stats: dict[str, float] = {}
+        """What the last iteration logged (losses, SPS, and objective/* for text envs)."""
         self._next_obs, _ = self.envs.reset(seed=cfg.seed)
         self._reset_pending = np.zeros(self.num_envs, dtype=bool)
         self._episode_return = np.zeros(self.num_envs)
@@ -111,6 +123,8 @@ class PPO:
             self.iteration += 1
             stats["charts/SPS"] = (self.global_step - start_step) / (time.perf_counter() - start_time)
             stats["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+            stats.update(self._flush_episode_metrics())
+            self.last_stats = stats
             self.logger.scalars(stats, self.global_step)
             if bar is not None:
                 bar.update(self.global_step - start_step)
@@ -136,12 +150,13 @@ class PPO:
         """Fill the buffer with ``num_steps`` steps of every env; return V(next obs) for bootstrapping."""
         buf, cfg = self.buffer, self.config
         for step in range(cfg.num_steps):
-            obs = torch.as_tensor(self.obs_normalizer(self._next_obs, update=True), dtype=torch.float32)
+            obs = self._obs_tensor(self._next_obs, update=True)
             action, logprob, value = self.policy.act(obs, generator=self.generator)
             next_obs, reward, terminated, truncated, info = self.envs.step(self.policy.to_env_action(action))
             valid = ~self._reset_pending  # next-step autoreset: this step only reset those envs
             done = (terminated | truncated) & valid
             self._track_episodes(np.asarray(reward, dtype=np.float64), done, valid)
+            self._track_episode_info(info, done)
             buf.obs[step], buf.actions[step], buf.logprobs[step], buf.values[step] = obs, action, logprob, value
             buf.rewards[step] = torch.as_tensor(self.reward_scaler(np.asarray(reward, np.float64), done))
             buf.terminated[step] = torch.as_tensor(terminated & valid, dtype=torch.float32)
@@ -151,16 +166,21 @@ class PPO:
             cut = truncated & ~terminated & valid
             if self.autoreset_mode == AutoresetMode.SAME_STEP and cut.any():
                 # the time limit is not a real end: bootstrap from the value of the state reached
-                final_obs = np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)])
-                final = torch.as_tensor(self.obs_normalizer(final_obs), dtype=torch.float32)
+                final = self._obs_tensor(np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)]))
                 buf.final_values[step, torch.as_tensor(cut)] = self.policy.value(final)
                 buf.has_final_value[step] = torch.as_tensor(cut)
             if self.autoreset_mode == AutoresetMode.NEXT_STEP:
                 self._reset_pending = done
             self._next_obs = next_obs
             self.global_step += int(valid.sum())
-        obs = torch.as_tensor(self.obs_normalizer(self._next_obs), dtype=torch.float32)
-        return self.policy.value(obs)
+        return self.policy.value(self._obs_tensor(self._next_obs))
+
+    def _obs_tensor(self, obs: Any, *, update: bool = False) -> torch.Tensor:
+        """Raw env observations -> the tensor the policy and buffer take."""
+        preprocess = getattr(self.policy, "preprocess", None)
+        if preprocess is not None:
+            return preprocess(obs)
+        return torch.as_tensor(self.obs_normalizer(obs, update=update), dtype=torch.float32)
 
     def _track_episodes(self, reward: np.ndarray, done: np.ndarray, valid: np.ndarray) -> None:
         self._episode_return += np.where(valid, reward, 0.0)
@@ -169,9 +189,27 @@ class PPO:
             ret, length = float(self._episode_return[i]), int(self._episode_length[i])
             step = self.global_step + int(valid[: i + 1].sum())
             self.episodes.append((step, ret, length))
+            self._iteration_returns.append(ret)
             self.logger.scalars({"charts/episodic_return": ret, "charts/episodic_length": length}, step)
         self._episode_return[done] = 0.0
         self._episode_length[done] = 0
+
+    def _track_episode_info(self, info: dict[str, Any], done: np.ndarray) -> None:
+        if not done.any():
+            return
+        final_info = info.get("final_info") if self.autoreset_mode == AutoresetMode.SAME_STEP else info
+        for tag, values in episode_info_metrics(final_info, done).items():
+            self._episode_metrics.setdefault(tag, []).extend(values)
+        self._samples = (self._samples + episode_samples(final_info, done))[-4:]
+
+    def _flush_episode_metrics(self) -> dict[str, float]:
+        stats = {tag: float(np.mean(values)) for tag, values in self._episode_metrics.items() if values}
+        if "objective/score" in stats and self._iteration_returns:
+            stats["objective/non_score_reward"] = float(np.mean(self._iteration_returns)) - stats["objective/score"]
+        if self._samples:
+            self.logger.text("samples", "\n\n".join(self._samples), self.global_step)
+        self._episode_metrics, self._iteration_returns, self._samples = {}, [], []
+        return stats
 
     def update(self) -> dict[str, float]:
         """K epochs of minibatch gradient steps on the rollout; returns the losses to log."""
@@ -179,7 +217,8 @@ class PPO:
         totals: dict[str, list[float]] = {}
         for _epoch in range(cfg.update_epochs):
             epoch_kl = []
-            for batch in self.buffer.minibatches(cfg.num_minibatches, self.generator):
+            batches = self.buffer.minibatches(cfg.num_minibatches, self.generator, by_episode=self._sequence_policy)
+            for batch in batches:
                 losses = self._minibatch_step(batch)
                 epoch_kl.append(losses["losses/approx_kl"])
                 for key, value in losses.items():
@@ -196,7 +235,10 @@ class PPO:
 
     def _minibatch_step(self, batch: Minibatch) -> dict[str, float]:
         cfg = self.config
-        logprob, entropy, value = self.policy.evaluate(batch.obs, batch.actions)
+        if self._sequence_policy:
+            logprob, entropy, value = self.policy.evaluate(batch.obs, batch.actions, batch.episode_ids)
+        else:
+            logprob, entropy, value = self.policy.evaluate(batch.obs, batch.actions)
         log_ratio = logprob - batch.logprobs
         ratio = log_ratio.exp()
         kl_per_sample = (ratio - 1) - log_ratio  # k3: unbiased, never negative (Schulman's blog)
@@ -345,6 +387,16 @@ class PPO:
         self.envs.envs = restored
         self._next_obs, self._reset_pending = state["next_obs"], state["reset_pending"]
         self._episode_return, self._episode_length = state["episode_return"], state["episode_length"]
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write the trained language model (and its tokenizer) as a plain transformers directory."""
+        model = getattr(self.policy, "model", None)
+        if model is None or not hasattr(model, "save_pretrained"):
+            raise ValueError("save_pretrained needs a language-model policy (a TextRLHF-v0 env); use save() instead")
+        model.save_pretrained(directory)
+        tokenizer = getattr(self.envs, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
 
     def close(self) -> None:
         self.envs.close()

@@ -1,0 +1,153 @@
+"""Causal-LM actor-critic for token-level envs such as TextRLHF-v0.
+
+The actor is the env's own language model (the very module, so the env's KL reward follows the
+weights PPO changes). The critic is a value head on the actor's trunk (TRL style) or a separate
+trunk (DeepSpeed-Chat style), chosen by ``PPOConfig.critic``. During rollouts the env already ran
+the policy forward with its KV cache, so sampling reads ``env.next_logprobs`` / ``env.next_hidden``
+instead of a second forward; updates re-run each episode's whole sequence once.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from agents.config import PPOConfig
+
+
+def is_token_env(envs: Any) -> bool:
+    """An env whose actions are next tokens of a causal LM it exposes as ``.model``."""
+    space = envs.single_observation_space
+    return (
+        isinstance(space, spaces.Dict) and "input_ids" in space.spaces and "attention_mask" in space.spaces
+        and isinstance(getattr(envs, "model", None), nn.Module)
+    )
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # left-padded rows: position ids count real tokens only, as the env's own forwards do
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (real tokens are contiguous)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, -1).max(-1).values
+
+
+class LMActorCritic(nn.Module):
+    """Actor-critic over a transformers causal LM; observations are ``[N, 2, L]`` (ids, mask)."""
+
+    sequence_model = True
+
+    def __init__(self, envs: Any, config: PPOConfig) -> None:
+        super().__init__()
+        self.envs = envs
+        self.model = envs.model
+        self.model.eval()  # dropout off: PPO ratios must compare the same function (TRL does the same)
+        self.temperature = float(envs.temperature)
+        hidden = int(self.model.config.hidden_size)
+        self.critic_trunk: nn.Module | None = None
+        if config.critic == "separate":
+            self.critic_trunk = _critic_trunk(self.model, config.critic_model)
+            hidden = int(self.critic_trunk.config.hidden_size)
+        self.value_head = nn.Linear(hidden, 1)
+        # zero head: initial values are 0 and the value loss does not push the shared trunk at first
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        length = int(envs.single_observation_space["input_ids"].shape[0])
+        self.obs_shape, self.obs_dtype = (2, length), torch.int64
+
+    # ------------------------------------------------------------------ observations
+    def preprocess(self, obs: dict[str, np.ndarray]) -> torch.Tensor:
+        """Dict of ``[N, L]`` arrays -> ``[N, 2, L]`` int64 tensor (ids, attention mask)."""
+        return torch.stack(
+            [torch.as_tensor(obs["input_ids"], dtype=torch.int64), torch.as_tensor(obs["attention_mask"])], dim=-2
+        ).long()
+
+    def _is_env_state(self, obs: torch.Tensor) -> bool:
+        current = getattr(self.envs, "next_logprobs", None)
+        if current is None or current.shape[0] != obs.shape[0]:
+            return False
+        env_obs = self.preprocess(self.envs._engine.observations())
+        return torch.equal(env_obs, obs)
+
+    # ------------------------------------------------------------------ forward passes
+    def _trunk_hidden(self, trunk: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = trunk(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+        return out.last_hidden_state
+
+    def _heads(
+        self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs ``[B, V]`` at temperature and values ``[B]`` at positions ``(rows, cols)``."""
+        hidden = self._trunk_hidden(self.model.base_model, ids, mask)[rows, cols]
+        logits = self.model.get_output_embeddings()(hidden).float() / self.temperature
+        if self.critic_trunk is None:
+            value_hidden = hidden
+        else:
+            value_hidden = self._trunk_hidden(self.critic_trunk, ids, mask)[rows, cols]
+        return torch.log_softmax(logits, dim=-1), self.value_head(value_hidden.float()).squeeze(-1)
+
+    def _current(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token log-probs and values for a batch of states, reusing the env's cache if possible."""
+        ids, mask = obs[:, 0], obs[:, 1]
+        rows, last = torch.arange(obs.shape[0]), _last_index(mask)
+        if not self._is_env_state(obs):
+            return self._heads(ids, mask, rows, last)
+        if self.critic_trunk is None:
+            value_hidden = self.envs.next_hidden
+        else:  # the separate critic has no cache of its own: one pass over the states
+            value_hidden = self._trunk_hidden(self.critic_trunk, ids, mask)[rows, last]
+        return self.envs.next_logprobs, self.value_head(value_hidden.float()).squeeze(-1)
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self._current(obs)[1]
+
+    def act(
+        self, obs: torch.Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        log_probs, values = self._current(obs)
+        if deterministic:
+            actions = log_probs.argmax(-1)
+        else:
+            actions = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+        return actions, log_probs.gather(-1, actions[:, None]).squeeze(-1), values
+
+    def evaluate(
+        self, obs: torch.Tensor, actions: torch.Tensor, episode_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Re-score stored tokens with one forward per episode, not one per token.
+
+        Every state of an episode is a prefix of its longest state, so one causal pass over that
+        state yields the logits (and values) at all of the episode's positions.
+        """
+        ids, mask = obs[:, 0], obs[:, 1]
+        last = _last_index(mask)
+        if episode_ids is None:
+            episode_ids = torch.arange(obs.shape[0])
+        episodes, rows = torch.unique(episode_ids, return_inverse=True)
+        longest = torch.full((len(episodes),), -1, dtype=torch.long).scatter_reduce(0, rows, last, "amax")
+        owner = torch.zeros(len(episodes), dtype=torch.long)
+        is_longest = last == longest[rows]
+        owner[rows[is_longest]] = torch.nonzero(is_longest).squeeze(-1)
+        log_probs, values = self._heads(ids[owner], mask[owner], rows, last)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return log_probs.gather(-1, actions[:, None].long()).squeeze(-1), entropy, values
+
+    def to_env_action(self, actions: torch.Tensor) -> np.ndarray:
+        return actions.numpy().astype(np.int64)
+
+
+def _critic_trunk(model: nn.Module, path: str | None) -> nn.Module:
+    """A separate critic: from a model path (e.g. a reward model) or a copy of the policy's trunk."""
+    if path is None:
+        return copy.deepcopy(model.base_model)
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path)

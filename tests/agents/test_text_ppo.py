@@ -1,0 +1,99 @@
+"""The same PPO on TextRLHF-v0 with a tiny language model: consistency, masking and learning."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import textenv  # noqa: F401  registers TextRLHF-v0
+from agents import PPO, PPOConfig
+from agents.lm_policy import LMActorCritic
+from textenv.testing import SAMPLE_PROMPTS, make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_lm"), seed=0, n_layer=2, n_embd=32)
+
+
+def _envs(model, reward, num_envs=4, **kwargs):
+    return gym.make_vec(
+        "TextRLHF-v0", num_envs=num_envs, model=model, reward=reward, prompts=list(SAMPLE_PROMPTS), **kwargs
+    )
+
+
+def _token_share(tokenizer, word):
+    target = tokenizer.convert_tokens_to_ids(word)
+
+    def share(prompts, completions, completion_ids=None, **kw):
+        return [float(np.mean([t == target for t in ids])) if ids else 0.0 for ids in completion_ids]
+
+    return share, target
+
+
+def test_lm_policy_is_picked_and_trains_the_envs_own_model(tiny_lm):
+    envs = _envs(str(tiny_lm), "length", max_new_tokens=4)
+    agent = PPO(envs, PPOConfig(num_steps=4, num_minibatches=2, seed=0))
+    assert isinstance(agent.policy, LMActorCritic)
+    assert agent.policy.model is envs.model
+    before = [p.detach().clone() for p in envs.model.parameters()]
+    agent.learn(16, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, envs.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_rollout_log_probs_and_values_match_a_fresh_forward(tiny_lm, critic):
+    envs = _envs(str(tiny_lm), "length", max_new_tokens=5, temperature=0.7)
+    agent = PPO(envs, PPOConfig(num_steps=12, num_minibatches=1, seed=0, critic=critic))
+    with torch.no_grad():
+        for p in agent.policy.value_head.parameters():
+            p.normal_()
+        agent.collect_rollout()
+        buf, n = agent.buffer, agent.buffer.num_steps * agent.buffer.num_envs
+        assert buf.episode_end.sum() >= 4  # several episodes, some spanning the rollout
+        obs, actions = buf.obs.reshape(n, 2, -1), buf.actions.reshape(n)
+        grouped = agent.policy.evaluate(obs, actions, buf.episode_ids().reshape(n))
+        one_by_one = agent.policy.evaluate(obs, actions)
+    torch.testing.assert_close(grouped[0], buf.logprobs.reshape(n), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grouped[2], buf.values.reshape(n), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one_by_one[0], grouped[0], atol=1e-5, rtol=0)
+
+
+def test_episodes_stay_whole_in_minibatches(tiny_lm):
+    envs = _envs(str(tiny_lm), "length", max_new_tokens=3)
+    agent = PPO(envs, PPOConfig(num_steps=6, num_minibatches=3, seed=0))
+    with torch.no_grad():
+        agent.collect_rollout()
+    ids = agent.buffer.episode_ids().reshape(-1)
+    groups = [set(b.episode_ids.tolist()) for b in agent.buffer.minibatches(3, torch.Generator(), by_episode=True)]
+    assert sum(len(g) for g in groups) == len(set(ids.tolist()))  # no episode split across minibatches
+
+
+def test_custom_reward_rises_with_bounded_kl(tiny_lm):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    share, target = _token_share(tokenizer, "great")
+    envs = _envs(str(tiny_lm), share, num_envs=16, max_new_tokens=8, kl_coef=0.02, temperature=1.0)
+    agent = PPO(envs, PPOConfig(num_steps=8, learning_rate=3e-3, update_epochs=4, num_minibatches=2,
+                                gamma=1.0, gae_lambda=0.95, vf_coef=0.1, seed=0))
+    start_probability = envs.next_logprobs[:, target].exp().mean().item()
+    scores, kls = [], []
+    for _ in range(24):
+        agent.learn(16 * 8, progress=False)
+        scores.append(agent.last_stats["objective/score"])
+        kls.append(agent.last_stats["objective/kl"])
+    assert start_probability < 0.03 and np.mean(scores[:3]) < 0.05
+    assert np.mean(scores[-6:]) > 0.15  # several times the starting share
+    assert max(kls) < 15.0  # nats per completion: the penalty keeps the policy near the reference
+
+
+def test_save_pretrained_writes_a_transformers_directory(tiny_lm, tmp_path):
+    envs = _envs(str(tiny_lm), "length", max_new_tokens=3)
+    agent = PPO(envs, PPOConfig(num_steps=3, num_minibatches=1, seed=0)).learn(12, progress=False)
+    agent.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for (name, a), b in zip(envs.model.state_dict().items(), reloaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == "<eos>"
