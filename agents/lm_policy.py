@@ -136,7 +136,11 @@ class LMActorCritic(nn.Module):
         owner = torch.zeros(len(episodes), dtype=torch.long)
         is_longest = last == longest[rows]
         owner[rows[is_longest]] = torch.nonzero(is_longest).squeeze(-1)
-        log_probs, values = self._heads(ids[owner], mask[owner], rows, last)
+        seq_ids, seq_mask = ids[owner], mask[owner]
+        # drop the columns that are padding in every row: prompts are left-padded to a fixed width,
+        # and attention over pad columns would cost as much as over real tokens
+        first = int(torch.nonzero(seq_mask.any(0))[0])
+        log_probs, values = self._heads(seq_ids[:, first:], seq_mask[:, first:], rows, last - first)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return log_probs.gather(-1, actions[:, None].long()).squeeze(-1), entropy, values
 

@@ -33,8 +33,9 @@ class PPO:
     """PPO for any Gymnasium env with Discrete or Box actions.
 
     ``PPO(env, config, logdir=...)`` takes an env id (vectorised with ``config.num_envs`` copies),
-    a ``gymnasium.Env`` or a ``gymnasium.vector.VectorEnv``. Given an id with a tuned preset and
-    no config, the preset is used; fields set in ``config`` override it.
+    a ``gymnasium.Env`` or a ``gymnasium.vector.VectorEnv``. When the env's id has a tuned preset,
+    the preset is used; fields set in ``config`` override it. A ready VectorEnv keeps its own
+    number of envs.
     """
 
     def __init__(
@@ -45,7 +46,7 @@ class PPO:
         logdir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.env_id = env_id_of(env)
-        self.config = resolve_config(self.env_id if isinstance(env, str) else None, config)
+        self.config = resolve_config(self.env_id, config)
         cfg = self.config
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
