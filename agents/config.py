@@ -84,6 +84,13 @@ class PPOConfig:
     critic_model: str | None = None
     """With ``critic="separate"``: a model path to initialise the critic's trunk from (e.g. a reward
     model); ``None`` copies the policy's starting trunk."""
+    ptx_coef: float = 0.0
+    """Language-model policies: weight of the pre-training loss mixed into every update
+    (InstructGPT's PPO-ptx); 0 turns it off."""
+    ptx_data: str | list[str] | None = None
+    """Texts for the pre-training loss: a ``.txt`` path (one text per line) or a list of strings."""
+    ptx_batch_size: int = 4
+    """Texts per pre-training loss term (one batch per PPO minibatch step)."""
     log_std_init: float = 0.0
     """Initial log standard deviation of the Gaussian policy (Box action spaces)."""
     adam_eps: float = 1e-5
@@ -119,7 +126,7 @@ class PPOConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value cannot work, and how to fix it."""
-        for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches"):
+        for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches", "ptx_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PPOConfig.{name}={value!r} must be a positive integer")
@@ -135,7 +142,12 @@ class PPOConfig:
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"PPOConfig.{name}={getattr(self, name)!r} must lie in [0, 1]")
-        for name in ("ent_coef", "vf_coef"):
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ValueError(
+                f"PPOConfig.ptx_coef={self.ptx_coef!r} needs ptx_data: "
+                "a .txt path (one text per line) or a list of texts"
+            )
+        for name in ("ent_coef", "vf_coef", "ptx_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PPOConfig.{name}={getattr(self, name)!r} must be >= 0")
         if self.target_kl is not None and not self.target_kl > 0:

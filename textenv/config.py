@@ -1,0 +1,99 @@
+"""The environment's settings as one frozen dataclass, validated in one place."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+from .kl import KL_ESTIMATORS, KLController, as_kl_controller
+
+__all__ = ["TextEnvConfig"]
+
+
+@dataclass(frozen=True)
+class TextEnvConfig:
+    """Settings shared by `TextRLHFEnv` and `TextRLHFVectorEnv` (the defaults are the env's)."""
+
+    max_new_tokens: int = 32
+    """Response length limit; the episode ends (terminated) when it is reached."""
+    max_prompt_tokens: int = 64
+    """Prompt length limit after the chat template; sets the observation width with max_new_tokens."""
+    temperature: float = 0.7
+    """Temperature of both log-probs in the KL term; the agent must sample at the same one."""
+    kl_coef: float | KLController = 0.05
+    """Weight of the per-token KL penalty: a float, or a controller such as AdaptiveKLController."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimate used in the reward: 'k1' (log-ratio), 'k3' or 'full' (exact)."""
+    reward_clip: float | None = 5.0
+    """The final score is clipped to [-reward_clip, reward_clip]; None leaves it unclipped."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score (before clipping) when a response ends without EOS."""
+    chat_template: bool = True
+    """Apply the tokenizer's chat template to prompts when it has one."""
+    truncate_prompts: bool = False
+    """Keep the last max_prompt_tokens tokens of longer prompts instead of raising PromptError."""
+
+    def __post_init__(self) -> None:
+        _positive_int(self.max_new_tokens, "max_new_tokens", "max_new_tokens=32")
+        _positive_int(self.max_prompt_tokens, "max_prompt_tokens", "max_prompt_tokens=64")
+        if not (_is_number(self.temperature) and self.temperature > 0):
+            raise ConfigError(
+                f"temperature={self.temperature!r} must be a finite number > 0; use the temperature the "
+                f"agent samples with, e.g. temperature=0.7"
+            )
+        as_kl_controller(self.kl_coef)
+        if self.kl_estimator not in KL_ESTIMATORS:
+            close = difflib.get_close_matches(str(self.kl_estimator), KL_ESTIMATORS, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"kl_estimator={self.kl_estimator!r} is not one of {KL_ESTIMATORS}{hint}")
+        if self.reward_clip is not None and not (_is_number(self.reward_clip) and self.reward_clip > 0):
+            raise ConfigError(
+                f"reward_clip={self.reward_clip!r} must be a number > 0, or None for no clipping"
+            )
+        if self.missing_eos_penalty is not None and not _is_number(self.missing_eos_penalty):
+            raise ConfigError(
+                f"missing_eos_penalty={self.missing_eos_penalty!r} must be a finite number or None"
+            )
+        for name in ("chat_template", "truncate_prompts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+
+    @property
+    def obs_length(self) -> int:
+        """Width of the observation arrays: prompt area then response area."""
+        return self.max_prompt_tokens + self.max_new_tokens
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value: Any, name: str, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be an integer >= 1, e.g. {example}")
+
+
+def eos_ids(
+    eos_token_id: int | Sequence[int] | None, tokenizer: Any, generation_config: Any, vocab_size: int
+) -> tuple[int, ...]:
+    """The token ids that end an episode: given explicitly, else the tokenizer's and the model's."""
+    if eos_token_id is not None:
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    else:
+        ids = [getattr(tokenizer, "eos_token_id", None)]
+        from_model = getattr(generation_config, "eos_token_id", None)
+        ids += from_model if isinstance(from_model, (list, tuple)) else [from_model]
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            raise ConfigError(
+                "eos_token_id=None and neither the tokenizer nor the model's generation_config has an EOS "
+                "token; pass eos_token_id=<id>, or eos_token_id=[] to end episodes only at max_new_tokens"
+            )
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise ConfigError(f"eos_token_id={eos_token_id!r}: {i!r} is not a token id in [0, {vocab_size})")
+    return tuple(dict.fromkeys(ids))

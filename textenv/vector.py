@@ -1,0 +1,186 @@
+"""TextRLHFVectorEnv: N TextRLHF episodes on one policy, one reference and one reward, batched."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from torch import nn
+
+from .core import Engine, TextEnvAttributes, build_components
+from .env import check_token, observation_space
+from .errors import ConfigError, InvalidAction, ResetNeeded
+from .kl import KLController
+
+__all__ = ["TextRLHFVectorEnv"]
+
+
+class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
+    """`num_envs` TextRLHF-v0 episodes with one batched policy, reference and reward model.
+
+    Same semantics, arguments and info keys as `TextRLHFEnv` (see its docstring); sub-env `i` behaves
+    exactly like a `TextRLHFEnv` reset with seed `seed + i` and given the same actions. Per step it
+    runs one batched policy forward and one reference forward (KV cache, left-padded rows with explicit
+    masks and position ids), plus one prompt forward for the rows that start a new episode, and one
+    reward call for all rows that finished.
+
+    Autoreset is Gymnasium's SAME_STEP mode: when a row's episode ends, the returned observation is
+    already the next episode's first one; the last observation and info of the finished episode are
+    in `info["final_obs"]` / `info["final_info"]` (mask `info["_final_obs"]`), as `SyncVectorEnv`
+    returns them. `next_logprobs` is [num_envs, vocab], `next_hidden` [num_envs, hidden] and
+    `current_obs` the batched observation they belong to; the other agent-facing attributes
+    (`model`, `ref_model`, `tokenizer`, `temperature`, `kl_coef`, `kl_controller`, ...) are the
+    single env's.
+    """
+
+    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        model: nn.Module | str | os.PathLike | None = None,
+        *,
+        tokenizer: Any = None,
+        reward: Any = "sentiment",
+        prompts: str | os.PathLike | Sequence[str] | None = None,
+        max_new_tokens: int = 32,
+        max_prompt_tokens: int = 64,
+        temperature: float = 0.7,
+        kl_coef: float | KLController = 0.05,
+        kl_estimator: str = "k1",
+        reward_clip: float | None = 5.0,
+        missing_eos_penalty: float | None = None,
+        chat_template: bool = True,
+        truncate_prompts: bool = False,
+        eos_token_id: int | Sequence[int] | None = None,
+        device: str | torch.device | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ConfigError(f"num_envs={num_envs!r} must be an integer >= 1, e.g. num_envs=16")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ConfigError(f"render_mode={render_mode!r} is not one of {self.metadata['render_modes']} or None")
+        self.render_mode = render_mode
+        settings = dict(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                        temperature=temperature, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                        reward_clip=reward_clip, missing_eos_penalty=missing_eos_penalty,
+                        chat_template=chat_template, truncate_prompts=truncate_prompts)
+        self._parts = build_components(model=model, tokenizer=tokenizer, reward=reward, prompts=prompts,
+                                       eos_token_id=eos_token_id, device=device, settings=settings)
+        self.num_envs = num_envs
+        self._engine = Engine(self._parts, num_rows=num_envs)
+        self.single_action_space = spaces.Discrete(self._parts.vocab_size)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.single_observation_space = observation_space(self._parts.vocab_size, self._parts.config.obs_length)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self._rngs: list[np.random.Generator | None] = [None] * num_envs
+        self._started = False
+
+    @property
+    def next_logprobs(self) -> torch.Tensor | None:
+        """[num_envs, vocab] float32 log pi(. | current state of each sub-env) at `temperature`."""
+        return self._engine.next_logprobs() if self._started else None
+
+    @property
+    def next_hidden(self) -> torch.Tensor | None:
+        """[num_envs, hidden] last-layer hidden state of the policy at each sub-env's position."""
+        if not self._started:
+            return None
+        self._engine.next_logprobs()  # refreshes the cache first if the weights changed
+        return self._engine.policy.hidden
+
+    @property
+    def current_obs(self) -> dict[str, np.ndarray] | None:
+        """A copy of the observation the sub-envs are in now (what `next_logprobs` belongs to)."""
+        return self._engine.observations() if self._started else None
+
+    def reset(
+        self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Start an episode in every sub-env; sub-env i is seeded with `seed + i` (or `seed[i]`)."""
+        seeds = self._seeds(seed)
+        super().reset(seed=seed if isinstance(seed, int) else None)
+        for i, s in enumerate(seeds):
+            if s is not None or self._rngs[i] is None:
+                self._rngs[i] = seeding.np_random(s)[0]
+        indices = self._prompt_indices(options)
+        self._engine.start(list(range(self.num_envs)), indices)
+        self._started = True
+        infos: dict[str, Any] = {}
+        for i in range(self.num_envs):
+            infos = self._add_info(infos, self._engine.reset_info(i), i)
+        return self._engine.observations(), infos
+
+    def _seeds(self, seed: int | Sequence[int | None] | None) -> list[int | None]:
+        if seed is None:
+            return [None] * self.num_envs
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            return [int(seed) + i for i in range(self.num_envs)]
+        if isinstance(seed, Sequence) and len(seed) == self.num_envs:
+            return list(seed)
+        raise ConfigError(f"seed={seed!r} must be None, an int, or a list of {self.num_envs} ints / None")
+
+    def _prompt_indices(self, options: dict[str, Any] | None) -> list[int]:
+        n = len(self._parts.prompts)
+        if options and "prompt_index" in options:
+            indices = list(options["prompt_index"])
+            if len(indices) != self.num_envs or not all(
+                isinstance(k, (int, np.integer)) and not isinstance(k, bool) and 0 <= k < n for k in indices
+            ):
+                raise ConfigError(
+                    f"options['prompt_index']={options['prompt_index']!r} must be {self.num_envs} ints in [0, {n})"
+                )
+            return [int(k) for k in indices]
+        return [int(rng.integers(n)) for rng in self._rngs]
+
+    def step(
+        self, actions: Any
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        if not self._started:
+            raise ResetNeeded("step() was called before reset(); call envs.reset() first")
+        tokens = self._check_actions(actions)
+        result = self._engine.step(tokens)
+        finished: dict[int, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
+        for row in result.done_rows.tolist():
+            finished[row] = (self._engine.observation(row), self._engine.step_info(result, row))
+        if finished:
+            rows = list(finished)
+            self._engine.start(rows, [int(self._rngs[r].integers(len(self._parts.prompts))) for r in rows])
+        infos: dict[str, Any] = {}
+        for i in range(self.num_envs):
+            if i in finished:
+                final_obs, final_info = finished[i]
+                infos = self._add_info(infos, {"final_obs": final_obs, "final_info": final_info}, i)
+                infos = self._add_info(infos, self._engine.reset_info(i), i)
+            else:
+                infos = self._add_info(infos, self._engine.step_info(result, i), i)
+        truncations = np.zeros(self.num_envs, dtype=np.bool_)
+        return self._engine.observations(), result.reward.copy(), result.done.copy(), truncations, infos
+
+    def _check_actions(self, actions: Any) -> np.ndarray:
+        if isinstance(actions, torch.Tensor):
+            actions = actions.detach().cpu().numpy()
+        array = np.asarray(actions)
+        if array.shape != (self.num_envs,) or not np.issubdtype(array.dtype, np.integer):
+            raise InvalidAction(
+                f"actions {actions!r} must be {self.num_envs} integer token ids (shape ({self.num_envs},)), "
+                f"got shape {array.shape} dtype {array.dtype}"
+            )
+        for i, token in enumerate(array.tolist()):
+            check_token(token, self._parts.vocab_size, where=f"actions[{i}]")
+        return array.astype(np.int64)
+
+    def render(self) -> tuple[str, ...] | None:
+        """Each sub-env's prompt and response so far."""
+        return tuple(self._engine.text(i) for i in range(self.num_envs)) if self._started else None
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self._engine.close()
+        self._started = False
