@@ -46,6 +46,7 @@ class PPO:
         logdir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.env_id = env_id_of(env)
+        self._built_from_id = isinstance(env, str)
         self.config = resolve_config(self.env_id, config)
         cfg = self.config
         if cfg.torch_threads is not None:
@@ -331,6 +332,7 @@ class PPO:
         checkpoint.save_checkpoint(
             {
                 "env_id": self.env_id,
+                "built_from_id": self._built_from_id,
                 "config": self.config.to_dict(),
                 "policy": self.policy.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -350,6 +352,8 @@ class PPO:
         state: dict[str, Any] = {
             "next_obs": self._next_obs, "reset_pending": self._reset_pending,
             "episode_return": self._episode_return, "episode_length": self._episode_length, "sub_envs": None,
+            # envs that can describe their own state (TextRLHF-v0: episodes in flight, KL controller)
+            "vector_env": self.envs.state_dict() if hasattr(self.envs, "state_dict") else None,
         }
         sub_envs = getattr(self.envs, "envs", None)  # SyncVectorEnv keeps its envs in-process
         if sub_envs is not None:
@@ -367,11 +371,12 @@ class PPO:
         """Rebuild an agent from :meth:`save`; ``learn`` then continues the same run."""
         state = checkpoint.load_checkpoint(path)
         if env is None:
-            env = state["env_id"]
-            if env is None:
+            if not state["built_from_id"]:
                 raise ValueError(
-                    f"checkpoint {os.fspath(path)!r} was trained on an unregistered env; pass load(path, env=...)"
+                    f"checkpoint {os.fspath(path)!r} was trained on an env object, not an id; "
+                    "build the same env again and pass PPO.load(path, env=...)"
                 )
+            env = state["env_id"]
         agent = cls(env, PPOConfig.from_dict(state["config"]), logdir=logdir)
         agent.policy.load_state_dict(state["policy"])
         agent.optimizer.load_state_dict(state["optimizer"])
@@ -386,6 +391,10 @@ class PPO:
         return agent
 
     def _restore_env_state(self, state: dict[str, Any]) -> None:
+        if state.get("vector_env") is not None and hasattr(self.envs, "load_state_dict"):
+            self.envs.load_state_dict(state["vector_env"])
+            self._restore_agent_side(state)
+            return
         sub_envs = getattr(self.envs, "envs", None)
         if state["sub_envs"] is None or sub_envs is None:
             return  # fresh episodes from the reset in __init__
@@ -393,6 +402,9 @@ class PPO:
         if len(restored) != len(sub_envs):
             return
         self.envs.envs = restored
+        self._restore_agent_side(state)
+
+    def _restore_agent_side(self, state: dict[str, Any]) -> None:
         self._next_obs, self._reset_pending = state["next_obs"], state["reset_pending"]
         self._episode_return, self._episode_length = state["episode_return"], state["episode_length"]
 
