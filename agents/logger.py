@@ -30,6 +30,9 @@ def episode_info_metrics(final_info: dict[str, Any] | None, done: np.ndarray) ->
             continue
         present = final_info.get(f"_{key}", np.ones(len(done), dtype=bool))
         metrics[tag] = [float(values[i]) for i in np.flatnonzero(done & present)]
+    if "objective/kl" in metrics and "objective/completion_length" in metrics:
+        pairs = zip(metrics["objective/kl"], metrics["objective/completion_length"], strict=True)
+        metrics["objective/kl_per_token"] = [kl / max(length, 1.0) for kl, length in pairs]
     return metrics
 
 

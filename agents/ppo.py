@@ -207,7 +207,8 @@ class PPO:
     def _flush_episode_metrics(self) -> dict[str, float]:
         stats = {tag: float(np.mean(values)) for tag, values in self._episode_metrics.items() if values}
         if "objective/score" in stats and self._iteration_returns:
-            stats["objective/non_score_reward"] = float(np.mean(self._iteration_returns)) - stats["objective/score"]
+            stats["objective/rlhf_reward"] = float(np.mean(self._iteration_returns))  # score + KL penalty
+            stats["objective/non_score_reward"] = stats["objective/rlhf_reward"] - stats["objective/score"]
         if self._samples:
             self.logger.text("samples", "\n\n".join(self._samples), self.global_step)
         self._episode_metrics, self._iteration_returns, self._samples = {}, [], []

@@ -130,3 +130,20 @@ def test_ptx_loss_pulls_the_model_towards_the_pretraining_texts(tiny_lm, tmp_pat
 def test_ptx_needs_data():
     with pytest.raises(ValueError, match="PPOConfig.ptx_coef=0.5 needs ptx_data"):
         PPOConfig(ptx_coef=0.5)
+
+
+def test_tensorboard_gets_text_objectives_and_samples(tiny_lm, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    envs = _envs(str(tiny_lm), ["sentiment", "length"], max_new_tokens=4)
+    agent = PPO(envs, PPOConfig(num_steps=8, num_minibatches=1, seed=0), logdir=tmp_path)
+    agent.learn(64, progress=False)
+    agent.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    expected = {"objective/score", "objective/kl", "objective/non_score_reward", "objective/completion_length",
+                "objective/eos_fraction", "objective/score/sentiment", "objective/kl_per_token",
+                "objective/rlhf_reward", "objective/score/length",
+                "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/clipfrac", "charts/SPS"}
+    assert expected <= set(events.Tags()["scalars"])
+    assert "samples/text_summary" in events.Tags()["tensors"]
