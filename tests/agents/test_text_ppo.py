@@ -80,14 +80,14 @@ def test_custom_reward_rises_with_bounded_kl(tiny_lm):
                                 gamma=1.0, gae_lambda=0.95, vf_coef=0.1, seed=0))
     start_probability = envs.next_logprobs[:, target].exp().mean().item()
     scores, kls = [], []
-    for _ in range(30):
+    for _ in range(24):
         agent.learn(16 * 8, progress=False)
         scores.append(agent.last_stats["objective/score"])
         kls.append(agent.last_stats["objective/kl"])
     assert start_probability < 0.03 and np.mean(scores[:3]) < 0.05
-    # several times the starting share (the KL penalty then holds it near 0.1-0.2 for this model)
-    assert np.mean(scores[-10:]) > max(0.08, 3 * np.mean(scores[:3]))
-    assert max(kls) < 15.0  # nats per completion: the penalty keeps the policy near the reference
+    assert np.mean(scores[-6:]) > max(0.15, 4 * np.mean(scores[:3]))  # several times the starting share
+    # nats per 8-token completion; without the penalty this run drifts past 25 by now
+    assert max(kls) < 20.0
 
 
 def test_save_pretrained_writes_a_transformers_directory(tiny_lm, tmp_path):
