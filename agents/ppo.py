@@ -425,9 +425,13 @@ class PPO:
 def _adam(params: list[torch.nn.Parameter], *, lr: float, eps: float) -> torch.optim.Adam:
     # the fused kernel is ~6x faster than the for-each one on a 135M-parameter model on CPU
     try:
-        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+        optimizer = torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
     except (RuntimeError, TypeError):  # older torch or a device without a fused Adam
         return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
+    # the fused kernel writes in place without bumping the tensors' version counters; an env that
+    # watches them (TextRLHF-v0 refreshes its KV cache when the policy changes) must see every step
+    optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(params))
+    return optimizer
 
 
 def _explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ from .kl import KLController, as_kl_controller, kl_estimates
 from .models import Shared, load_policy, load_tokenizer, same_weights, weights_version
 from .prompts import PromptSet
 from .rewards import RewardSet, build_reward
+from .state import capture_engine, load_controller, parse_engine
 
 __all__ = ["Components", "build_components", "Engine", "StepResult", "TextEnvAttributes"]
 
@@ -250,6 +251,29 @@ class Engine:
     def text(self, row: int) -> str:
         completion = self.parts.tokenizer.decode(self.responses[row], skip_special_tokens=True)
         return f"{self.parts.prompts.texts[self.prompt_index[row]]}\n{completion}"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for everything kept between steps (no weights, no caches; see `textenv.state`)."""
+        return capture_engine(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`: caches are recomputed from the saved tokens with today's weights.
+
+        The mirror is re-checked: a reference that borrowed the policy's outputs goes on doing so only
+        while the weights are still equal (what the saved engine would find at its next check); one
+        that ran its own forwards keeps doing so, as it would have.
+        """
+        saved = parse_engine(self, state)  # validates all before anything changes
+        load_controller(self.parts.controller, saved["kl_controller"])
+        self.obs_ids, self.obs_mask = saved["obs_ids"], saved["obs_mask"]
+        self.prompt_index, self.responses = saved["prompt_index"], saved["responses"]
+        self.kl_sum, self.active = saved["kl_sum"], saved["active"]
+        mirror = saved["mirror"] and same_weights(self.policy.params, self.ref.params)
+        self.ref.mirror = self.policy if mirror else None
+        self._verified = weights_version(self.policy.params) if mirror else None
+        ids, mask = torch.from_numpy(saved["token_ids"]), torch.from_numpy(saved["token_mask"])
+        self.policy.restore(ids, mask)
+        self.ref.restore(ids, mask)
 
     def close(self) -> None:
         self.policy.clear()

@@ -153,6 +153,17 @@ class DecodeState:
         if self.ids.shape[1]:
             self.cache, self._logprobs, self._hidden = self._forward(self.ids, self.mask, self._new_cache())
 
+    def restore(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Take over saved token ids / mask (a loaded checkpoint) and rebuild the cache from them.
+
+        A mirrored state keeps no cache of its own: it goes on borrowing the mirror's outputs.
+        """
+        self.ids, self.mask = ids.to(self.device), mask.to(self.device)
+        self.cache = self._logprobs = self._hidden = None
+        self.version = None
+        if self.mirror is None:
+            self.refresh()
+
     def unmirror(self) -> None:
         """Stop borrowing the mirror's outputs: run this model's own forwards from now on."""
         self.mirror = None

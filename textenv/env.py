@@ -15,6 +15,7 @@ from torch import nn
 from .core import Engine, TextEnvAttributes, build_components
 from .errors import ConfigError, InvalidAction, ResetNeeded
 from .kl import KLController
+from .state import capture_rng, check_env_state, env_state, restore_rng
 
 __all__ = ["TextRLHFEnv", "observation_space", "check_token"]
 
@@ -205,6 +206,27 @@ class TextRLHFEnv(TextEnvAttributes, gym.Env):
         if self.render_mode == "human":
             self.render()
         return self._engine.observation(0), float(result.reward[0]), done, False, self._engine.step_info(result, 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides what this env does next, as plain picklable data (no weights).
+
+        The episode in flight, `np_random`'s state and the KL controller's state; see `load_state_dict`.
+        """
+        return env_state("TextRLHFEnv", self._engine, np_random=capture_rng(self._np_random),
+                         np_random_seed=self._np_random_seed, running=self._running, started=self._started)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the env that wrote `state` stopped (ConfigError if it does not fit).
+
+        Build this env with the same model, settings and prompts and give `model` the saved policy
+        weights first: the caches are recomputed with them. Call it on the unwrapped env; Gymnasium's
+        order-enforcing wrapper of `gym.make` still wants a `reset()` before the first step.
+        """
+        check_env_state(state, "TextRLHFEnv", ("np_random", "np_random_seed", "running", "started"), self._engine)
+        rng = restore_rng(state["np_random"], "state['np_random']")
+        self._engine.load_state_dict(state["engine"])
+        self._np_random, self._np_random_seed = rng, state["np_random_seed"]
+        self._running, self._started = bool(state["running"]), bool(state["started"])
 
     def render(self) -> str | None:
         """The prompt and the response so far; printed for render_mode="human", else returned."""

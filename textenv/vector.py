@@ -18,6 +18,7 @@ from .core import Engine, TextEnvAttributes, build_components
 from .env import check_token, observation_space
 from .errors import ConfigError, InvalidAction, ResetNeeded
 from .kl import KLController
+from .state import capture_rng, check_env_state, env_state, restore_rng
 
 __all__ = ["TextRLHFVectorEnv"]
 
@@ -176,6 +177,31 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
         for i, token in enumerate(array.tolist()):
             check_token(token, self._parts.vocab_size, where=f"actions[{i}]")
         return array.astype(np.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides what these envs do next, as plain picklable data (no weights).
+
+        The episodes in flight, each sub-env's generator state and the KL controller's state.
+        """
+        return env_state("TextRLHFVectorEnv", self._engine, rngs=[capture_rng(r) for r in self._rngs],
+                         np_random=capture_rng(self._np_random), np_random_seed=self._np_random_seed,
+                         started=self._started)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the vector env that wrote `state` stopped (ConfigError if it does not fit).
+
+        Build this env with the same model, num_envs, settings and prompts and give `model` the saved
+        policy weights first: the caches (policy and reference) are recomputed with them.
+        """
+        check_env_state(state, "TextRLHFVectorEnv", ("rngs", "np_random", "np_random_seed", "started"),
+                        self._engine)
+        if not isinstance(state["rngs"], (list, tuple)) or len(state["rngs"]) != self.num_envs:
+            raise ConfigError(f"state['rngs'] must be a list of {self.num_envs} generator states or None")
+        rngs = [restore_rng(s, f"state['rngs'][{i}]") for i, s in enumerate(state["rngs"])]
+        rng = restore_rng(state["np_random"], "state['np_random']")
+        self._engine.load_state_dict(state["engine"])
+        self._rngs, self._np_random, self._np_random_seed = rngs, rng, state["np_random_seed"]
+        self._started = bool(state["started"])
 
     def render(self) -> tuple[str, ...] | None:
         """Each sub-env's prompt and response so far."""

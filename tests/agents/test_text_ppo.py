@@ -147,3 +147,50 @@ def test_tensorboard_gets_text_objectives_and_samples(tiny_lm, tmp_path):
                 "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/clipfrac", "charts/SPS"}
     assert expected <= set(events.Tags()["scalars"])
     assert "samples/text_summary" in events.Tags()["tensors"]
+
+
+def test_resumed_text_run_equals_the_uninterrupted_one(tiny_lm, tmp_path):
+    """Policy, critic, optimizer, KL controller, reward statistics, RNG and in-flight episodes."""
+    path = tmp_path / "mid.pt"
+
+    def make_envs():
+        controller = textenv.AdaptiveKLController(init_kl_coef=0.05, target=1.0, horizon=100)
+        return _envs(str(tiny_lm), "sentiment", max_new_tokens=5, kl_coef=controller)
+
+    config = PPOConfig(num_steps=4, num_minibatches=2, seed=0, learning_rate=1e-3, norm_reward=True)
+
+    def save_at_two(agent: PPO) -> None:
+        if agent.iteration == 2:
+            agent.save(path)
+
+    uninterrupted = PPO(make_envs(), config).learn(16 * 4, progress=False, callback=save_at_two)
+    resumed = PPO.load(path, env=make_envs())
+    resumed.learn(16 * 4 - resumed.global_step, progress=False)
+
+    assert resumed.episodes == uninterrupted.episodes
+    for a, b in zip(resumed.policy.state_dict().values(), uninterrupted.policy.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert resumed.envs.kl_coef == pytest.approx(uninterrupted.envs.kl_coef)
+    assert resumed.envs.kl_coef != 0.05  # the adaptive controller moved, and its state was restored
+    assert resumed.reward_scaler.stats.var == pytest.approx(uninterrupted.reward_scaler.stats.var)
+
+
+def test_loading_a_text_checkpoint_needs_the_env(tiny_lm, tmp_path):
+    agent = PPO(_envs(str(tiny_lm), "length", max_new_tokens=3), PPOConfig(num_steps=3, num_minibatches=1))
+    agent.save(tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="was trained on an env object, not an id; build the same env again"):
+        PPO.load(tmp_path / "a.pt")
+
+
+def test_env_sees_every_optimizer_step(tiny_lm):
+    """Mid-episode weight changes must refresh the env's cached distribution (fused Adam included)."""
+    envs = _envs(str(tiny_lm), "length", max_new_tokens=8)
+    agent = PPO(envs, PPOConfig(num_steps=3, num_minibatches=1, seed=0, learning_rate=1e-2))
+    agent.learn(12, progress=False)  # episodes of 8 tokens are still running after 3 steps
+    obs = agent.policy.preprocess(envs.current_obs)
+    ids, mask = obs[:, 0], obs[:, 1]
+    last = torch.tensor([int(torch.nonzero(row)[-1]) for row in mask])
+    with torch.no_grad():
+        fresh, _ = agent.policy._heads(ids, mask, torch.arange(4), last)
+    assert obs[:, 1, envs.max_prompt_tokens :].sum() > 0  # mid-episode
+    torch.testing.assert_close(envs.next_logprobs, fresh, atol=1e-5, rtol=0)
