@@ -12,15 +12,6 @@ from textenv.testing import CHAT_TEMPLATE, SAMPLE_PROMPTS, make_tiny_model_dir, 
 hf_logging.disable_progress_bar()
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and results must not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "gpt2"))
