@@ -290,13 +290,17 @@ class PPO:
     def predict(self, obs: Any, *, deterministic: bool = True) -> np.ndarray:
         """Action(s) for one observation or a batch, as the env expects them."""
         space = self.envs.single_observation_space
-        array = np.asarray(obs, dtype=np.float32)
-        single = array.shape == tuple(space.shape)
-        if not single and array.shape[1:] != tuple(space.shape):
-            raise ValueError(
-                f"obs has shape {array.shape}; expected {tuple(space.shape)} or (batch, *{tuple(space.shape)})"
-            )
-        batch = torch.as_tensor(self.obs_normalizer(array[None] if single else array), dtype=torch.float32)
+        if isinstance(obs, dict):  # token envs: {"input_ids": [L] or [N, L], "attention_mask": ...}
+            single = np.asarray(obs["input_ids"]).ndim == 1
+            batch = self._obs_tensor({key: np.asarray(value)[None] if single else value for key, value in obs.items()})
+        else:
+            array = np.asarray(obs, dtype=np.float32)
+            single = array.shape == tuple(space.shape)
+            if not single and array.shape[1:] != tuple(space.shape):
+                raise ValueError(
+                    f"obs has shape {array.shape}; expected {tuple(space.shape)} or (batch, *{tuple(space.shape)})"
+                )
+            batch = self._obs_tensor(array[None] if single else array)
         with torch.no_grad():
             action, _, _ = self.policy.act(batch, deterministic=deterministic, generator=self.generator)
         env_action = self.policy.to_env_action(action)
@@ -309,8 +313,8 @@ class PPO:
         if not isinstance(n_episodes, int) or n_episodes < 1:
             raise ValueError(f"n_episodes={n_episodes!r} must be a positive integer")
         if env is None:
-            if self.env_id is None:
-                raise ValueError("this agent was built from an env without a registered id; pass evaluate(env=...)")
+            if self.env_id is None or (self._sequence_policy and not self._built_from_id):
+                raise ValueError("this agent's env cannot be rebuilt from its id alone; pass evaluate(env=...)")
             env = gym.make(self.env_id)
         seed = self.config.seed + 1_000_000 if seed is None else seed
         returns = []

@@ -194,3 +194,16 @@ def test_env_sees_every_optimizer_step(tiny_lm):
         fresh, _ = agent.policy._heads(ids, mask, torch.arange(4), last)
     assert obs[:, 1, envs.max_prompt_tokens :].sum() > 0  # mid-episode
     torch.testing.assert_close(envs.next_logprobs, fresh, atol=1e-5, rtol=0)
+
+
+def test_evaluate_and_predict_on_a_single_text_env(tiny_lm):
+    envs = _envs(str(tiny_lm), "length", max_new_tokens=3)
+    agent = PPO(envs, PPOConfig(num_steps=3, num_minibatches=1, seed=0))
+    with pytest.raises(ValueError, match=r"cannot be rebuilt from its id alone; pass evaluate\(env=...\)"):
+        agent.evaluate(2)
+    env = gym.make("TextRLHF-v0", model=envs.model, reward="length", prompts=list(SAMPLE_PROMPTS), max_new_tokens=3)
+    obs, _ = env.reset(seed=0)
+    greedy = agent.predict(obs)
+    assert greedy == int(env.unwrapped.next_logprobs.argmax())
+    mean, _ = agent.evaluate(3, env=env)
+    assert np.isfinite(mean)
