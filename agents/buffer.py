@@ -95,6 +95,12 @@ class RolloutBuffer:
         self.advantages = torch.zeros(shape)
         self.returns = torch.zeros(shape)
 
+    def clear_from(self, step: int) -> None:
+        """Mark steps ``step..`` unused (a rollout that ended early): masked, each its own empty episode."""
+        for name in ("rewards", "values", "logprobs", "terminated", "mask", "final_values", "has_final_value"):
+            getattr(self, name)[step:] = 0
+        self.episode_end[step:] = 1.0
+
     def next_values(self, last_value: torch.Tensor) -> torch.Tensor:
         """V(s_{t+1}) for every step: the following stored value, or the final obs's value."""
         following = torch.cat([self.values[1:], last_value.reshape(1, -1)], dim=0)
@@ -127,11 +133,15 @@ class RolloutBuffer:
         n = self.num_steps * self.num_envs
         episode_ids = self.episode_ids().reshape(n)
         if by_episode:
+            # episodes with no trainable step (waiting envs, unused steps) would cost a forward for nothing
+            trained = torch.zeros(int(episode_ids.max()) + 1).index_add_(0, episode_ids, self.mask.reshape(n)) > 0
             episodes = torch.unique(episode_ids)
+            episodes = episodes[trained[episodes]]
             shuffled = episodes[torch.randperm(len(episodes), generator=generator)]
             rank = torch.empty_like(episodes)
             rank[torch.searchsorted(episodes, shuffled)] = torch.arange(len(episodes))
-            group = rank[torch.searchsorted(episodes, episode_ids)] * num_minibatches // len(episodes)
+            position = torch.searchsorted(episodes, episode_ids).clamp(max=len(episodes) - 1)
+            group = torch.where(trained[episode_ids], rank[position] * num_minibatches // len(episodes), -1)
             for g in range(num_minibatches):
                 index = torch.nonzero(group == g).squeeze(-1)
                 if len(index):

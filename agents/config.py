@@ -11,7 +11,7 @@ from typing import Any
 
 ADVANTAGE_ESTIMATORS = ("gae", "mc")
 POLICY_LOSSES = ("clip", "kl_penalty")
-VECTORIZATION_MODES = ("sync", "async")
+VECTORIZATION_MODES = ("sync", "async", "vector_entry_point")
 ACTIVATIONS = ("tanh", "relu")
 CRITICS = ("shared", "separate")
 
@@ -28,6 +28,11 @@ class PPOConfig:
     """Parallel environments in the vector env (ignored when you pass a ready VectorEnv)."""
     num_steps: int = 128
     """Steps taken in each env per rollout; the rollout holds ``num_envs * num_steps`` transitions."""
+    whole_episodes: bool = False
+    """Each rollout starts every env from a reset and runs it for exactly one episode (at most
+    ``num_steps`` steps); envs that finish early wait, their steps masked out. What RLHF trainers do
+    (one response per prompt per batch); ``False`` is the classic fixed-length rollout that carries
+    episodes over from one rollout to the next."""
     learning_rate: float = 3e-4
     """Adam step size."""
     anneal_lr: bool = False
@@ -96,7 +101,8 @@ class PPOConfig:
     adam_eps: float = 1e-5
     """Adam epsilon (1e-5 as in SB3 and CleanRL rather than torch's 1e-8)."""
     vectorization: str = "sync"
-    """How env ids are vectorised: ``"sync"`` (one process) or ``"async"`` (one process per env)."""
+    """How env ids are vectorised: ``"sync"`` (one process), ``"async"`` (one process per env) or
+    ``"vector_entry_point"`` (the batched vector env the id registers, e.g. TextRLHF-v0's)."""
     seed: int = 0
     """Seeds torch, numpy, the envs and the action sampling: the same seed gives the same run."""
     torch_threads: int | None = None

@@ -153,7 +153,8 @@ class LMActorCritic(nn.Module):
         # drop the columns that are padding in every row: prompts are left-padded to a fixed width,
         # and attention over pad columns would cost as much as over real tokens
         first = int(torch.nonzero(seq_mask.any(0))[0])
-        log_probs, values = self._heads(seq_ids[:, first:], seq_mask[:, first:], rows, last - first)
+        # (clamped: an empty row, e.g. an unused step of a rollout that ended early, is never trained on)
+        log_probs, values = self._heads(seq_ids[:, first:], seq_mask[:, first:], rows, (last - first).clamp(min=0))
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return log_probs.gather(-1, actions[:, None].long()).squeeze(-1), entropy, values
 

@@ -44,8 +44,10 @@ class PPO:
         config: PPOConfig | None = None,
         *,
         logdir: str | os.PathLike[str] | None = None,
+        env_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.env_id = env_id_of(env)
+        self.env_kwargs = dict(env_kwargs or {})
         self._built_from_id = isinstance(env, str)
         self.config = resolve_config(self.env_id, config)
         cfg = self.config
@@ -54,10 +56,10 @@ class PPO:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.envs = make_vector_env(env, cfg)
+        self.envs = make_vector_env(env, cfg, self.env_kwargs)
         if self.envs.num_envs != cfg.num_envs:  # a ready VectorEnv decides how many envs there are
             self.config = cfg = replace(cfg, num_envs=self.envs.num_envs)
-        self.autoreset_mode = autoreset_mode(self.envs)
+        self.autoreset_mode = autoreset_mode(self.envs, cfg)
         self.num_envs = self.envs.num_envs
         obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
         self.policy = make_policy_for_env(self.envs, cfg)
@@ -91,6 +93,7 @@ class PPO:
         self.last_stats: dict[str, float] = {}
         """What the last iteration logged (losses, SPS, and objective/* for text envs)."""
         self._next_obs, _ = self.envs.reset(seed=cfg.seed)
+        self._fresh = True  # every env at the start of an episode (whole-episode rollouts skip a reset)
         self._reset_pending = np.zeros(self.num_envs, dtype=bool)
         self._episode_return = np.zeros(self.num_envs)
         self._episode_length = np.zeros(self.num_envs, dtype=np.int64)
@@ -147,13 +150,23 @@ class PPO:
             group["lr"] = lr
 
     def collect_rollout(self) -> torch.Tensor:
-        """Fill the buffer with ``num_steps`` steps of every env; return V(next obs) for bootstrapping."""
+        """Fill the buffer with ``num_steps`` steps of every env; return V(next obs) for bootstrapping.
+
+        With ``whole_episodes`` every env starts a fresh episode and the rollout stops once each has
+        finished one; later steps of an env that finished early are masked out of training.
+        """
         buf, cfg = self.buffer, self.config
+        waiting = np.zeros(self.num_envs, dtype=bool)  # whole episodes: envs already done this rollout
+        if cfg.whole_episodes and not self._fresh:
+            self._next_obs, _ = self.envs.reset()
+            self._reset_pending[:] = False
+            self._episode_return[:], self._episode_length[:] = 0.0, 0
+        self._fresh = False
         for step in range(cfg.num_steps):
             obs = self._obs_tensor(self._next_obs, update=True)
             action, logprob, value = self.policy.act(obs, generator=self.generator)
             next_obs, reward, terminated, truncated, info = self.envs.step(self.policy.to_env_action(action))
-            valid = ~self._reset_pending  # next-step autoreset: this step only reset those envs
+            valid = ~self._reset_pending & ~waiting  # next-step autoreset: this step only reset those envs
             done = (terminated | truncated) & valid
             self._track_episodes(np.asarray(reward, dtype=np.float64), done, valid)
             self._track_episode_info(info, done)
@@ -173,6 +186,11 @@ class PPO:
                 self._reset_pending = done
             self._next_obs = next_obs
             self.global_step += int(valid.sum())
+            if cfg.whole_episodes:
+                waiting |= done
+                if waiting.all():
+                    buf.clear_from(step + 1)
+                    return torch.zeros(self.num_envs)  # every episode ended: nothing to bootstrap
         return self.policy.value(self._obs_tensor(self._next_obs))
 
     def _obs_tensor(self, obs: Any, *, update: bool = False) -> torch.Tensor:
@@ -230,7 +248,8 @@ class PPO:
         if cfg.policy_loss == "kl_penalty":
             self._adapt_kl_beta(stats["losses/approx_kl"])
             stats["losses/kl_beta"] = self.kl_beta
-        returns, values = self.buffer.returns.flatten(), self.buffer.values.flatten()
+        real = self.buffer.mask.flatten() > 0
+        returns, values = self.buffer.returns.flatten()[real], self.buffer.values.flatten()[real]
         stats["losses/explained_variance"] = _explained_variance(values, returns)
         return stats
 
@@ -315,7 +334,10 @@ class PPO:
         if env is None:
             if self.env_id is None or (self._sequence_policy and not self._built_from_id):
                 raise ValueError("this agent's env cannot be rebuilt from its id alone; pass evaluate(env=...)")
-            env = gym.make(self.env_id)
+            kwargs = dict(self.env_kwargs)
+            if self._sequence_policy:  # the trained model itself, not a fresh load of the starting one
+                kwargs.update(model=self.envs.model, tokenizer=self.envs.tokenizer)
+            env = gym.make(self.env_id, **kwargs)
         seed = self.config.seed + 1_000_000 if seed is None else seed
         returns = []
         for episode in range(n_episodes):
@@ -336,6 +358,7 @@ class PPO:
             {
                 "env_id": self.env_id,
                 "built_from_id": self._built_from_id,
+                "env_kwargs": self.env_kwargs if _is_plain_data(self.env_kwargs) else None,
                 "config": self.config.to_dict(),
                 "policy": self.policy.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -353,7 +376,7 @@ class PPO:
 
     def _env_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
-            "next_obs": self._next_obs, "reset_pending": self._reset_pending,
+            "next_obs": self._next_obs, "reset_pending": self._reset_pending, "fresh": self._fresh,
             "episode_return": self._episode_return, "episode_length": self._episode_length, "sub_envs": None,
             # envs that can describe their own state (TextRLHF-v0: episodes in flight, KL controller)
             "vector_env": self.envs.state_dict() if hasattr(self.envs, "state_dict") else None,
@@ -373,14 +396,19 @@ class PPO:
     ) -> PPO:
         """Rebuild an agent from :meth:`save`; ``learn`` then continues the same run."""
         state = checkpoint.load_checkpoint(path)
+        env_kwargs = state.get("env_kwargs", {})
         if env is None:
-            if not state["built_from_id"]:
+            if not state["built_from_id"] or env_kwargs is None:
+                made_from = "an env object, not an id" if not state["built_from_id"] else "env_kwargs holding objects"
                 raise ValueError(
-                    f"checkpoint {os.fspath(path)!r} was trained on an env object, not an id; "
+                    f"checkpoint {os.fspath(path)!r} was trained on {made_from}; "
                     "build the same env again and pass PPO.load(path, env=...)"
                 )
             env = state["env_id"]
-        agent = cls(env, PPOConfig.from_dict(state["config"]), logdir=logdir)
+        agent = cls(
+            env, PPOConfig.from_dict(state["config"]), logdir=logdir,
+            env_kwargs=env_kwargs if isinstance(env, str) else None,
+        )
         agent.policy.load_state_dict(state["policy"])
         agent.optimizer.load_state_dict(state["optimizer"])
         agent.obs_normalizer.stats.load_state_dict(state["obs_normalizer"])
@@ -409,6 +437,7 @@ class PPO:
 
     def _restore_agent_side(self, state: dict[str, Any]) -> None:
         self._next_obs, self._reset_pending = state["next_obs"], state["reset_pending"]
+        self._fresh = bool(state.get("fresh", False))
         self._episode_return, self._episode_length = state["episode_return"], state["episode_length"]
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
@@ -436,6 +465,17 @@ def _adam(params: list[torch.nn.Parameter], *, lr: float, eps: float) -> torch.o
     # watches them (TextRLHF-v0 refreshes its KV cache when the policy changes) must see every step
     optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(params))
     return optimizer
+
+
+def _is_plain_data(value: Any) -> bool:
+    """Strings, numbers, None and lists / dicts of them: what a checkpoint can hold for env_kwargs."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain_data(v) for k, v in value.items())
+    return False
 
 
 def _explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m agents.train ENV_ID [--total-timesteps N] [--config key=value ...]``.
+"""Command line: ``python -m agents.train ENV_ID [--total-timesteps N] [--config key=value ...] [--env-kwargs ...]``.
 
 Trains PPO with the env's tuned preset (printed at start), evaluates the deterministic policy,
 and optionally saves a checkpoint. Every PPOConfig field can be overridden with ``--config``.
@@ -17,14 +17,19 @@ from agents.config import PPOConfig, check_field_name, field_names, load_preset,
 from agents.ppo import PPO
 
 
-def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["learning_rate=1e-3", "hidden_sizes=(64,64)"]`` -> dict; values parsed as Python literals."""
+def parse_overrides(pairs: Sequence[str], *, option: str = "--config") -> dict[str, Any]:
+    """``["learning_rate=1e-3", "hidden_sizes=(64,64)"]`` -> dict; values parsed as Python literals.
+
+    ``--config`` keys must be PPOConfig fields; ``--env-kwargs`` keys go to the env as they are.
+    """
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
-            raise ValueError(f"--config {pair!r} must look like key=value, e.g. learning_rate=3e-4")
-        check_field_name(key.strip())
+            example = "learning_rate=3e-4" if option == "--config" else "max_new_tokens=32"
+            raise ValueError(f"{option} {pair!r} must look like key=value, e.g. {example}")
+        if option == "--config":
+            check_field_name(key.strip())
         try:
             value = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
@@ -47,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", nargs="*", default=[], metavar="KEY=VALUE",
         help=f"override PPOConfig fields; known keys: {', '.join(field_names())}",
     )
+    parser.add_argument(
+        "--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+        help="arguments for the env's constructor, e.g. model=path/to/model reward=sentiment max_new_tokens=32",
+    )
     return parser
 
 
@@ -54,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         overrides = parse_overrides(args.config)
+        env_kwargs = parse_overrides(args.env_kwargs, option="--env-kwargs")
         if args.seed is not None:
             overrides["seed"] = args.seed
         if args.num_envs is not None:
@@ -66,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"preset for {args.env_id}: {'none (general defaults)' if preset is None else 'agents/presets'}")
         print(json.dumps({"total_timesteps": total, "config": config.to_dict()}, indent=2))
         logdir = args.logdir or f"runs/{args.env_id}__{config.seed}"
-        agent = PPO(args.env_id, config, logdir=logdir)
+        agent = PPO(args.env_id, config, logdir=logdir, env_kwargs=env_kwargs)
         agent.learn(total, progress=not args.no_progress)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -174,31 +174,40 @@ class Engine:
         return self.policy.logprobs
 
     def step(self, actions: np.ndarray) -> StepResult:
-        """Score `actions` ([num_rows] token ids) against the held distributions, then advance."""
+        """Score `actions` ([num_rows] token ids) against the held distributions, then advance.
+
+        Rows without an episode in flight (finished and not restarted, see the vector env's
+        disabled autoreset) ignore their action: reward 0, no token, not done again.
+        """
         logprobs = self.next_logprobs()
-        tokens = torch.as_tensor(actions, dtype=torch.long, device=logprobs.device)
+        live = self.active.copy()
+        tokens = torch.as_tensor(np.where(live, actions, self.parts.pad_id), dtype=torch.long, device=logprobs.device)
         estimates = {k: v.double().cpu().numpy() for k, v in kl_estimates(logprobs, self.ref.logprobs, tokens).items()}
+        for values in estimates.values():
+            values[~live] = 0.0
         kl = estimates[self.cfg.kl_estimator]
         coef = float(self.parts.controller.value)
         reward = 0.0 - coef * kl  # 0.0 - ...: a zero KL gives +0.0, not -0.0
+        reward[~live] = 0.0
         self.kl_sum += kl
         column = self.cfg.max_prompt_tokens
-        for row, token in enumerate(actions.tolist()):
-            self.responses[row].append(token)
-            self.obs_ids[row, column + len(self.responses[row]) - 1] = token
+        for row in np.flatnonzero(live).tolist():
+            self.responses[row].append(int(actions[row]))
+            self.obs_ids[row, column + len(self.responses[row]) - 1] = actions[row]
             self.obs_mask[row, column + len(self.responses[row]) - 1] = 1
         eos = np.isin(actions, self._eos)
         lengths = np.array([len(r) for r in self.responses])
-        done = eos | (lengths >= self.cfg.max_new_tokens)
+        done = live & (eos | (lengths >= self.cfg.max_new_tokens))
         done_rows = np.flatnonzero(done)
         final: list[dict[str, Any]] = []
         if len(done_rows):
             scores, final = self._finish(done_rows, eos)
             reward[done_rows] += scores
             self.active[done_rows] = False
-        if not done.all():
-            self.policy.advance(tokens)
-            self.ref.advance(tokens)
+        if self.active.any():
+            keep = torch.as_tensor(self.active, device=tokens.device)
+            self.policy.advance(tokens, keep)
+            self.ref.advance(tokens, keep)
         return StepResult(reward, done, estimates, coef, done_rows, final)
 
     def _finish(self, rows: np.ndarray, eos: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:

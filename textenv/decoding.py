@@ -140,11 +140,16 @@ class DecodeState:
         for layer in self.cache.layers if self.cache is not None else ():
             layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
-    def advance(self, tokens: torch.Tensor) -> None:
-        """Append one token per row ([num_rows] int64) and compute the next distributions."""
+    def advance(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Append one token per row ([num_rows] int64) and compute the next distributions.
+
+        Rows where `keep` is False get a masked column: nothing attends to it, so an idle row's
+        sequence stays what it was.
+        """
         tokens = tokens.to(self.device).view(-1, 1)
+        column = torch.ones_like(tokens) if keep is None else keep.to(self.device).view(-1, 1).long()
         self.ids = torch.cat([self.ids, tokens], 1)
-        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], 1)
+        self.mask = torch.cat([self.mask, column], 1)
         if self.mirror is None:
             self.cache, self._logprobs, self._hidden = self._forward(tokens, self.mask, self.cache)
 

@@ -32,10 +32,14 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
     masks and position ids), plus one prompt forward for the rows that start a new episode, and one
     reward call for all rows that finished.
 
-    Autoreset is Gymnasium's SAME_STEP mode: when a row's episode ends, the returned observation is
-    already the next episode's first one; the last observation and info of the finished episode are
-    in `info["final_obs"]` / `info["final_info"]` (mask `info["_final_obs"]`), as `SyncVectorEnv`
-    returns them. `next_logprobs` is [num_envs, vocab], `next_hidden` [num_envs, hidden] and
+    Autoreset is Gymnasium's SAME_STEP mode by default: when a row's episode ends, the returned
+    observation is already the next episode's first one; the last observation and info of the
+    finished episode are in `info["final_obs"]` / `info["final_info"]` (mask `info["_final_obs"]`),
+    as `SyncVectorEnv` returns them. With `autoreset_mode=AutoresetMode.DISABLED` a finished row
+    waits instead (what RLHF trainers do: one response per prompt per batch): its episode-end step
+    returns the final observation and info, later steps ignore its action and return the same
+    observation, reward 0 and `terminated=True` without running it through the models, until
+    `reset(options={"reset_mask": mask})` (or a plain `reset()`) starts it again. `next_logprobs` is [num_envs, vocab], `next_hidden` [num_envs, hidden] and
     `current_obs` the batched observation they belong to; the other agent-facing attributes
     (`model`, `ref_model`, `tokenizer`, `temperature`, `kl_coef`, `kl_controller`, ...) are the
     single env's.
@@ -63,9 +67,21 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
         eos_token_id: int | Sequence[int] | None = None,
         device: str | torch.device | None = None,
         render_mode: str | None = None,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
     ) -> None:
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ConfigError(f"num_envs={num_envs!r} must be an integer >= 1, e.g. num_envs=16")
+        try:
+            mode = AutoresetMode(autoreset_mode)
+        except ValueError:
+            mode = None
+        if mode not in (AutoresetMode.SAME_STEP, AutoresetMode.DISABLED):
+            raise ConfigError(
+                f"autoreset_mode={autoreset_mode!r} is not supported: use AutoresetMode.SAME_STEP (default) "
+                "or AutoresetMode.DISABLED"
+            )
+        self.autoreset_mode = mode
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ConfigError(f"render_mode={render_mode!r} is not one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
@@ -105,19 +121,38 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Start an episode in every sub-env; sub-env i is seeded with `seed + i` (or `seed[i]`)."""
+        """Start an episode in every sub-env; sub-env i is seeded with `seed + i` (or `seed[i]`).
+
+        `options={"reset_mask": mask}` (a bool array of shape `(num_envs,)`, Gymnasium's convention)
+        restarts only the masked sub-envs; the others carry on.
+        """
+        rows = self._reset_rows(options)
         seeds = self._seeds(seed)
         super().reset(seed=seed if isinstance(seed, int) else None)
         for i, s in enumerate(seeds):
             if s is not None or self._rngs[i] is None:
                 self._rngs[i] = seeding.np_random(s)[0]
         indices = self._prompt_indices(options)
-        self._engine.start(list(range(self.num_envs)), indices)
+        self._engine.start(rows, [indices[i] for i in rows])
         self._started = True
         infos: dict[str, Any] = {}
-        for i in range(self.num_envs):
+        for i in rows:
             infos = self._add_info(infos, self._engine.reset_info(i), i)
         return self._engine.observations(), infos
+
+    def _reset_rows(self, options: dict[str, Any] | None) -> list[int]:
+        mask = (options or {}).get("reset_mask")
+        if mask is None:
+            return list(range(self.num_envs))
+        mask = np.asarray(mask)
+        if mask.shape != (self.num_envs,) or mask.dtype != np.bool_ or not mask.any():
+            raise ConfigError(
+                f"options['reset_mask']={options['reset_mask']!r} must be a bool array of shape ({self.num_envs},) "
+                "with at least one True"
+            )
+        if not self._started and not mask.all():
+            raise ResetNeeded("the first reset() must start every sub-env; leave out options['reset_mask']")
+        return np.flatnonzero(mask).tolist()
 
     def _seeds(self, seed: int | Sequence[int | None] | None) -> list[int | None]:
         if seed is None:
@@ -147,7 +182,15 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
         if not self._started:
             raise ResetNeeded("step() was called before reset(); call envs.reset() first")
         tokens = self._check_actions(actions)
+        idle = ~self._engine.active
         result = self._engine.step(tokens)
+        if self.autoreset_mode == AutoresetMode.DISABLED:
+            infos = {}
+            for i in np.flatnonzero(~idle).tolist():
+                infos = self._add_info(infos, self._engine.step_info(result, i), i)
+            terminations = result.done | idle
+            truncations = np.zeros(self.num_envs, dtype=np.bool_)
+            return self._engine.observations(), result.reward.copy(), terminations, truncations, infos
         finished: dict[int, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
         for row in result.done_rows.tolist():
             finished[row] = (self._engine.observation(row), self._engine.step_info(result, row))

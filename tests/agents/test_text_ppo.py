@@ -47,7 +47,7 @@ def test_lm_policy_is_picked_and_trains_the_envs_own_model(tiny_lm):
 @pytest.mark.parametrize("critic", ["shared", "separate"])
 def test_rollout_log_probs_and_values_match_a_fresh_forward(tiny_lm, critic):
     envs = _envs(str(tiny_lm), "length", max_new_tokens=5, temperature=0.7)
-    agent = PPO(envs, PPOConfig(num_steps=12, num_minibatches=1, seed=0, critic=critic))
+    agent = PPO(envs, PPOConfig(num_steps=12, num_minibatches=1, seed=0, critic=critic, whole_episodes=False))
     with torch.no_grad():
         for p in agent.policy.value_head.parameters():
             p.normal_()
@@ -64,7 +64,7 @@ def test_rollout_log_probs_and_values_match_a_fresh_forward(tiny_lm, critic):
 
 def test_episodes_stay_whole_in_minibatches(tiny_lm):
     envs = _envs(str(tiny_lm), "length", max_new_tokens=3)
-    agent = PPO(envs, PPOConfig(num_steps=6, num_minibatches=3, seed=0))
+    agent = PPO(envs, PPOConfig(num_steps=6, num_minibatches=3, seed=0, whole_episodes=False))
     with torch.no_grad():
         agent.collect_rollout()
     ids = agent.buffer.episode_ids().reshape(-1)
@@ -80,14 +80,14 @@ def test_custom_reward_rises_with_bounded_kl(tiny_lm):
                                 gamma=1.0, gae_lambda=0.95, vf_coef=0.1, seed=0))
     start_probability = envs.next_logprobs[:, target].exp().mean().item()
     scores, kls = [], []
-    for _ in range(24):
-        agent.learn(16 * 8, progress=False)
+    for _ in range(16):
+        agent.learn(1, progress=False)  # one rollout of 16 whole episodes, then one update
         scores.append(agent.last_stats["objective/score"])
         kls.append(agent.last_stats["objective/kl"])
     assert start_probability < 0.03 and np.mean(scores[:3]) < 0.05
-    assert np.mean(scores[-6:]) > max(0.15, 4 * np.mean(scores[:3]))  # several times the starting share
-    # nats per 8-token completion; without the penalty this run drifts past 25 by now
-    assert max(kls) < 20.0
+    assert np.mean(scores[-4:]) > max(0.4, 10 * np.mean(scores[:3]))  # many times the starting share
+    # nats per 8-token completion (the penalty's coefficient is small, so the KL may grow, but not run away)
+    assert max(kls) < 18.0
 
 
 def test_save_pretrained_writes_a_transformers_directory(tiny_lm, tmp_path):
@@ -149,7 +149,8 @@ def test_tensorboard_gets_text_objectives_and_samples(tiny_lm, tmp_path):
     assert "samples/text_summary" in events.Tags()["tensors"]
 
 
-def test_resumed_text_run_equals_the_uninterrupted_one(tiny_lm, tmp_path):
+@pytest.mark.parametrize("whole_episodes", [False, True])
+def test_resumed_text_run_equals_the_uninterrupted_one(tiny_lm, tmp_path, whole_episodes):
     """Policy, critic, optimizer, KL controller, reward statistics, RNG and in-flight episodes."""
     path = tmp_path / "mid.pt"
 
@@ -157,7 +158,9 @@ def test_resumed_text_run_equals_the_uninterrupted_one(tiny_lm, tmp_path):
         controller = textenv.AdaptiveKLController(init_kl_coef=0.05, target=1.0, horizon=100)
         return _envs(str(tiny_lm), "sentiment", max_new_tokens=5, kl_coef=controller)
 
-    config = PPOConfig(num_steps=4, num_minibatches=2, seed=0, learning_rate=1e-3, norm_reward=True)
+    # whole_episodes=False: episodes of 5 tokens run on across rollouts of 4 steps, and across the save
+    config = PPOConfig(num_steps=6 if whole_episodes else 4, num_minibatches=2, seed=0, learning_rate=1e-3, norm_reward=True,
+                       whole_episodes=whole_episodes)
 
     def save_at_two(agent: PPO) -> None:
         if agent.iteration == 2:
@@ -185,7 +188,7 @@ def test_loading_a_text_checkpoint_needs_the_env(tiny_lm, tmp_path):
 def test_env_sees_every_optimizer_step(tiny_lm):
     """Mid-episode weight changes must refresh the env's cached distribution (fused Adam included)."""
     envs = _envs(str(tiny_lm), "length", max_new_tokens=8)
-    agent = PPO(envs, PPOConfig(num_steps=3, num_minibatches=1, seed=0, learning_rate=1e-2))
+    agent = PPO(envs, PPOConfig(num_steps=3, num_minibatches=1, seed=0, learning_rate=1e-2, whole_episodes=False))
     agent.learn(12, progress=False)  # episodes of 8 tokens are still running after 3 steps
     obs = agent.policy.preprocess(envs.current_obs)
     ids, mask = obs[:, 0], obs[:, 1]
@@ -207,3 +210,50 @@ def test_evaluate_and_predict_on_a_single_text_env(tiny_lm):
     assert greedy == int(env.unwrapped.next_logprobs.argmax())
     mean, _ = agent.evaluate(3, env=env)
     assert np.isfinite(mean)
+
+
+def test_whole_episode_rollouts_from_the_env_id(tiny_lm):
+    """The text preset: one whole episode per env and rollout, finished envs wait (disabled autoreset)."""
+    from gymnasium.vector import AutoresetMode
+
+    vocab = AutoTokenizer.from_pretrained(tiny_lm).vocab_size
+    # many end tokens, so that some episodes end early and then wait
+    env_kwargs = dict(model=str(tiny_lm), reward="length", prompts=list(SAMPLE_PROMPTS), max_new_tokens=6,
+                      eos_token_id=list(range(vocab // 8, vocab)))
+    agent = PPO("TextRLHF-v0", PPOConfig(num_envs=5, num_steps=6, num_minibatches=1, seed=0), env_kwargs=env_kwargs)
+    assert isinstance(agent.envs.unwrapped, textenv.TextRLHFVectorEnv) and agent.config.whole_episodes
+    assert agent.envs.metadata["autoreset_mode"] is AutoresetMode.DISABLED
+    steps = 0
+    with torch.no_grad():
+        for _ in range(2):
+            agent.collect_rollout()
+            buf = agent.buffer
+            valid_steps = buf.mask.sum(0)
+            steps += int(valid_steps.sum())
+            ends = (buf.episode_end * buf.mask).sum(0)
+            assert ends.tolist() == [1.0] * 5  # exactly one finished episode per env
+            first_end = buf.episode_end.argmax(0)
+            assert (valid_steps == first_end + 1).all()  # nothing after it is trained on
+            assert valid_steps.min() < 6  # some ended early, and then waited
+            n = buf.num_steps * buf.num_envs
+            obs, actions, real = buf.obs.reshape(n, 2, -1), buf.actions.reshape(n), buf.mask.reshape(n) > 0
+            logprob, _, _ = agent.policy.evaluate(obs, actions, buf.episode_ids().reshape(n))
+            torch.testing.assert_close(logprob[real], buf.logprobs.reshape(n)[real], atol=1e-5, rtol=0)
+            batches = buf.minibatches(1, torch.Generator(), by_episode=True)
+            assert sum(len(torch.unique(b.episode_ids)) for b in batches) == 5  # waiting steps are never re-scored
+    assert agent.global_step == steps and len(agent.episodes) == 10
+
+
+def test_cli_trains_the_text_env_from_its_id(tiny_lm, tmp_path, capsys):
+    from agents.train import main
+
+    code = main([
+        "TextRLHF-v0", "--total-timesteps", "48", "--num-envs", "4", "--no-progress", "--eval-episodes", "2",
+        "--logdir", str(tmp_path / "runs"), "--save", str(tmp_path / "text.pt"),
+        "--config", "num_steps=6", "learning_rate=1e-3",
+        "--env-kwargs", f"model={tiny_lm}", "reward=length", "max_new_tokens=6", f"prompts={list(SAMPLE_PROMPTS)!r}",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0 and "evaluation over 2 episodes" in out
+    resumed = PPO.load(tmp_path / "text.pt")  # plain env kwargs are saved: the env is rebuilt from them
+    assert resumed.global_step >= 48 and resumed.envs.max_new_tokens == 6

@@ -10,6 +10,7 @@ from gymnasium.utils.env_checker import data_equivalence
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from transformers import AutoModelForCausalLM
 
+import textenv
 from textenv import TextRLHFEnv, TextRLHFVectorEnv
 from textenv.decoding import DecodeState
 from textenv.testing import SAMPLE_PROMPTS
@@ -87,6 +88,46 @@ def test_final_obs_and_info_follow_gymnasium_same_step_autoreset(tiny_dir):
     # the returned observation is already the next episode's first one
     assert obs["attention_mask"][0, vec.max_prompt_tokens:].sum() == 0
     assert obs["input_ids"][1, vec.max_prompt_tokens] == 9
+
+
+def test_disabled_autoreset_rows_wait_and_the_others_match_single_envs(tiny_dir):
+    """Finished rows idle until reset(reset_mask); running rows compute what a lone env computes."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    kwargs = dict(prompts=PROMPTS, max_new_tokens=6, kl_coef=0.5, kl_estimator="k3")
+    vec = gym.make_vec("TextRLHF-v0", num_envs=3, model=model, autoreset_mode=AutoresetMode.DISABLED, **kwargs)
+    singles = [TextRLHFEnv(model, **kwargs) for _ in range(3)]
+    assert vec.metadata["autoreset_mode"] is AutoresetMode.DISABLED
+    vec.reset(seed=4)
+    for i, env in enumerate(singles):
+        env.reset(seed=4 + i)
+    perturb(model, seed=2)  # the reference runs its own forwards, so rewards are not all zero
+    eos = vec.tokenizer.eos_token_id
+    plan = [[eos, 7, 7], [9, 8, 7], [9, eos, 7], [9, 9, 7]]  # row 0 ends at step 0, row 1 at step 2
+    finished = np.zeros(3, dtype=bool)
+    for actions in plan:
+        obs, reward, terminated, truncated, info = vec.step(np.array(actions))
+        for i, env in enumerate(singles):
+            if finished[i]:  # idle: same observation, no reward, still terminated, no info
+                assert reward[i] == 0.0 and terminated[i] and not info["_kl"][i]
+                assert data_equivalence(obs["input_ids"][i], last_obs[i], exact=True)
+                continue
+            single_obs, single_reward, single_term, _, single_info = env.step(actions[i])
+            assert data_equivalence(obs["input_ids"][i], single_obs["input_ids"], exact=True)
+            assert reward[i] == pytest.approx(single_reward, abs=1e-5) and terminated[i] == single_term
+            assert info["kl"][i] == pytest.approx(single_info["kl"], abs=1e-5)
+            if single_term:
+                assert info["_score"][i] and "final_obs" not in info
+        finished |= terminated
+        last_obs = obs["input_ids"].copy()
+    assert finished.tolist() == [True, True, False]
+    obs, info = vec.reset(options={"reset_mask": np.array([True, True, False])})
+    assert obs["attention_mask"][:2, vec.max_prompt_tokens:].sum() == 0
+    assert obs["attention_mask"][2, vec.max_prompt_tokens:].sum() == 4  # row 2 carries on
+    assert info["_prompt"].tolist() == [True, True, False]
+    with pytest.raises(textenv.ConfigError, match="reset_mask"):
+        vec.reset(options={"reset_mask": np.zeros(3, dtype=bool)})
+    with pytest.raises(textenv.ConfigError, match="autoreset_mode"):
+        gym.make_vec("TextRLHF-v0", num_envs=2, model=model, autoreset_mode=AutoresetMode.NEXT_STEP, **kwargs)
 
 
 def test_one_batched_forward_per_step_and_one_reward_call_per_batch(tiny_dir, boost):
