@@ -38,9 +38,11 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
     as `SyncVectorEnv` returns them. With `autoreset_mode=AutoresetMode.DISABLED` a finished row
     waits instead (what RLHF trainers do: one response per prompt per batch): its episode-end step
     returns the final observation and info, later steps ignore its action and return the same
-    observation, reward 0 and `terminated=True` without running it through the models, until
-    `reset(options={"reset_mask": mask})` (or a plain `reset()`) starts it again. `next_logprobs` is [num_envs, vocab], `next_hidden` [num_envs, hidden] and
-    `current_obs` the batched observation they belong to; the other agent-facing attributes
+    observation, reward 0 and `terminated=True` (no reward call, no prompt forward), until
+    `reset(options={"reset_mask": mask})` (or a plain `reset()`) starts it again.
+
+    `next_logprobs` is [num_envs, vocab], `next_hidden` [num_envs, hidden] and `current_obs` the
+    batched observation they belong to; the other agent-facing attributes
     (`model`, `ref_model`, `tokenizer`, `temperature`, `kl_coef`, `kl_controller`, ...) are the
     single env's.
     """

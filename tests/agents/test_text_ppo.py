@@ -159,8 +159,8 @@ def test_resumed_text_run_equals_the_uninterrupted_one(tiny_lm, tmp_path, whole_
         return _envs(str(tiny_lm), "sentiment", max_new_tokens=5, kl_coef=controller)
 
     # whole_episodes=False: episodes of 5 tokens run on across rollouts of 4 steps, and across the save
-    config = PPOConfig(num_steps=6 if whole_episodes else 4, num_minibatches=2, seed=0, learning_rate=1e-3, norm_reward=True,
-                       whole_episodes=whole_episodes)
+    config = PPOConfig(num_steps=6 if whole_episodes else 4, num_minibatches=2, seed=0, learning_rate=1e-3,
+                       norm_reward=True, whole_episodes=whole_episodes)
 
     def save_at_two(agent: PPO) -> None:
         if agent.iteration == 2:

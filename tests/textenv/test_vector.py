@@ -104,6 +104,7 @@ def test_disabled_autoreset_rows_wait_and_the_others_match_single_envs(tiny_dir)
     eos = vec.tokenizer.eos_token_id
     plan = [[eos, 7, 7], [9, 8, 7], [9, eos, 7], [9, 9, 7]]  # row 0 ends at step 0, row 1 at step 2
     finished = np.zeros(3, dtype=bool)
+    last_obs = None
     for actions in plan:
         obs, reward, terminated, truncated, info = vec.step(np.array(actions))
         for i, env in enumerate(singles):
