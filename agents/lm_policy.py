@@ -20,6 +20,7 @@ from gymnasium import spaces
 from torch import nn
 
 from agents.config import PPOConfig
+from textenv.prefix import prefix_cache, split_shared_prefix
 
 
 def is_token_env(envs: Any) -> bool:
@@ -65,6 +66,7 @@ class LMActorCritic(nn.Module):
         self.model = envs.model
         self.model.eval()  # dropout off: PPO ratios must compare the same function (TRL does the same)
         self.temperature = float(envs.temperature)
+        self.entropy_bonus = config.ent_coef > 0
         hidden = int(self.model.config.hidden_size)
         self.critic_trunk: nn.Module | None = None
         if config.critic == "separate":
@@ -98,16 +100,32 @@ class LMActorCritic(nn.Module):
         out = trunk(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
         return out.last_hidden_state
 
+    def _hidden_at(
+        self, trunk: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """Last-layer hidden states ``[B, H]`` at ``(rows, cols)``; a prompt opening all rows share runs once."""
+        rank = (mask.cumsum(-1) - 1)[rows, cols]  # the queried tokens must come after the shared part
+        shared = split_shared_prefix(ids, mask, limit=int(rank.min()))
+        cache = prefix_cache(trunk, shared, ids.shape[0]) if shared is not None else None
+        if cache is None:
+            return self._trunk_hidden(trunk, ids, mask)[rows, cols]
+        full_mask = shared.mask
+        out = trunk(
+            input_ids=shared.rest_ids, attention_mask=full_mask, position_ids=_positions(full_mask)[:, shared.length :],
+            past_key_values=cache, use_cache=True,
+        )
+        return out.last_hidden_state[rows, cols - shared.length]
+
     def _heads(
         self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs ``[B, V]`` at temperature and values ``[B]`` at positions ``(rows, cols)``."""
-        hidden = self._trunk_hidden(self.model.base_model, ids, mask)[rows, cols]
+        hidden = self._hidden_at(self.model.base_model, ids, mask, rows, cols)
         logits = self.model.get_output_embeddings()(hidden).float() / self.temperature
         if self.critic_trunk is None:
             value_hidden = hidden
         else:
-            value_hidden = self._trunk_hidden(self.critic_trunk, ids, mask)[rows, cols]
+            value_hidden = self._hidden_at(self.critic_trunk, ids, mask, rows, cols)
         return torch.log_softmax(logits, dim=-1), self.value_head(value_hidden.float()).squeeze(-1)
 
     def _current(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +137,7 @@ class LMActorCritic(nn.Module):
         if self.critic_trunk is None:
             value_hidden = self.envs.next_hidden
         else:  # the separate critic has no cache of its own: one pass over the states
-            value_hidden = self._trunk_hidden(self.critic_trunk, ids, mask)[rows, last]
+            value_hidden = self._hidden_at(self.critic_trunk, ids, mask, rows, last)
         return self.envs.next_logprobs, self.value_head(value_hidden.float()).squeeze(-1)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
@@ -155,7 +173,9 @@ class LMActorCritic(nn.Module):
         first = int(torch.nonzero(seq_mask.any(0))[0])
         # (clamped: an empty row, e.g. an unused step of a rollout that ended early, is never trained on)
         log_probs, values = self._heads(seq_ids[:, first:], seq_mask[:, first:], rows, (last - first).clamp(min=0))
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        # without an entropy bonus the entropy is only logged: no graph over [tokens, vocab] for it
+        with torch.set_grad_enabled(self.entropy_bonus and torch.is_grad_enabled()):
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
         return log_probs.gather(-1, actions[:, None].long()).squeeze(-1), entropy, values
 
     def to_env_action(self, actions: torch.Tensor) -> np.ndarray:

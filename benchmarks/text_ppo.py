@@ -18,10 +18,12 @@ iteration and then ``--iterations`` measured ones; the table reports medians. Wh
 
 * ours: ``gym.make_vec("TextRLHF-v0", num_envs=B, reward="sentiment", temperature=0.7,
   max_new_tokens=32, kl_coef=0.05)`` with ``agents.PPO`` (32 steps per env per rollout, 4 epochs,
-  minibatches of 8 episodes' worth of steps, lr 1e-5). One iteration = ``collect_rollout()`` under
-  ``torch.inference_mode()`` (the rollout) + advantages + ``update()`` (the optimisation). Episodes
-  stop at EOS and new prompts start at once, so a rollout always produces ``B * 32`` tokens. The
-  warm-up matters: until the first update the env skips the reference forward (KL exactly 0).
+  minibatches of 8 episodes, lr 1e-5), with the TextRLHF-v0 preset's whole-episode rollouts (one
+  response per prompt per rollout, disabled autoreset) and, like TRL's figures, no EOS stop
+  (``eos_token_id=[]``), so a rollout always produces ``B * 32`` tokens. One iteration =
+  ``collect_rollout()`` under ``torch.inference_mode()`` (the rollout) + advantages + ``update()``
+  (the optimisation). The warm-up matters: until the first update the env skips the reference
+  forward (KL exactly 0).
 * TRL: ``trl.experimental.ppo.PPOTrainer`` with the settings of the reference figures
   (``/work/shared/PEERS.md``): batch B, ``num_mini_batches = B / 8``, 4 PPO epochs, 32 response
   tokens, no EOS stop, fp32 on CPU, lr 3e-6, kl_coef 0.05, clip 0.2 / 0.2, vf_coef 0.1, gamma 1,
@@ -207,9 +209,12 @@ def run_ours(model_dir: str, batch: int, iterations: int, profile_path: Path | N
     import textenv  # noqa: F401  (registers TextRLHF-v0)
     from agents import PPO, PPOConfig
 
+    from gymnasium.vector import AutoresetMode
+
+    # as TRL's figures: no EOS stop (every response has 32 tokens); finished rows wait for the batch
     envs = gym.make_vec(
         "TextRLHF-v0", num_envs=batch, model=model_dir, reward="sentiment", temperature=TEMPERATURE,
-        max_new_tokens=NEW_TOKENS, kl_coef=KL_COEF,
+        max_new_tokens=NEW_TOKENS, kl_coef=KL_COEF, eos_token_id=[], autoreset_mode=AutoresetMode.DISABLED,
     )
     config = PPOConfig(
         num_steps=NEW_TOKENS, update_epochs=PPO_EPOCHS, num_minibatches=batch // MINIBATCH,

@@ -131,7 +131,7 @@ class Engine:
             self.ref.mirror = self.policy
             self._verified = weights_version(self.policy.params)
 
-    def _check_reference(self, *, sampled: bool = False) -> None:
+    def _check_reference(self, *, sampled: bool = False, replacing_all: bool = False) -> None:
         """While the policy still has the reference's weights, the reference borrows its outputs.
 
         That makes the KL exactly 0 before training and skips half the forwards. Equality is checked
@@ -148,8 +148,8 @@ class Engine:
             same = not sampled or same_weights(self.policy.params, self.ref.params, sample=256)
         if same:
             self._verified = version
-        else:
-            self.ref.unmirror()
+        else:  # no point recomputing rows that are about to be replaced
+            self.ref.unmirror(refresh=not replacing_all)
 
     def start(self, rows: list[int], prompt_indices: list[int]) -> None:
         """Begin episodes in `rows` with the given prompts (by index into the prompt set)."""
@@ -162,7 +162,7 @@ class Engine:
             self.obs_mask[row, width - len(ids) : width] = 1
             self.prompt_index[row], self.responses[row], self.kl_sum[row] = k, [], 0.0
             self.active[row] = True
-        self._check_reference(sampled=True)
+        self._check_reference(sampled=True, replacing_all=sorted(rows) == list(range(self.num_rows)))
         self.policy.start(rows, prompts)
         self.ref.start(rows, prompts)
 

@@ -9,6 +9,8 @@ what the same sequence computes alone.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .kl import token_logprobs
 from .models import weights_version
+from .prefix import prefix_cache, split_shared_prefix
 
 __all__ = ["DecodeState"]
 
@@ -57,25 +60,16 @@ class DecodeState:
         # position of each new token = number of real tokens before it in its own row
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         extra = {"logits_to_keep": 1} if self._keep_last else {}
-        # eval mode (dropout off): the env's log-probs are the deterministic pi(a|s). Flags are set
-        # directly: Module.train() walks and setattr()s ~400 modules of a 30-layer model, ~10 ms a call.
-        modes = [m.training for m in self._modules]
-        for m in self._modules:
-            m.__dict__["training"] = False
-        try:
-            with torch.no_grad():
-                out = self.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                    output_hidden_states=True,
-                    **extra,
-                )
-        finally:
-            for m, mode in zip(self._modules, modes, strict=True):
-                m.__dict__["training"] = mode
+        with torch.no_grad(), _eval_mode(self._modules):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=True,
+                **extra,
+            )
         if self.track_weights:
             self.version = weights_version(self.params)
         logprobs = token_logprobs(out.logits[:, -1], self.temperature)
@@ -83,6 +77,24 @@ class DecodeState:
 
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
+
+    def _prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+        """Forward whole sequences from scratch: ids and mask in the cache's column order, cache, outputs.
+
+        An opening that all rows share (a chat template's system prompt) is computed once.
+        """
+        shared = split_shared_prefix(ids, mask)
+        if shared is not None:
+            with torch.no_grad(), _eval_mode(self._modules):
+                extra = {"logits_to_keep": 1} if self._keep_last else {}
+                cache = prefix_cache(self.model, shared, ids.shape[0], **extra)
+            if cache is not None:
+                cache, logprobs, hidden = self._forward(shared.rest_ids, shared.mask, cache)
+                return shared.full_ids, shared.mask, cache, logprobs, hidden
+        cache, logprobs, hidden = self._forward(ids, mask, self._new_cache())
+        return ids, mask, cache, logprobs, hidden
 
     def _splicable(self) -> bool:
         # sliding-window and other layer kinds keep extra bookkeeping; rebuild those caches instead
@@ -94,7 +106,7 @@ class DecodeState:
         if rows == list(range(self.num_rows)):
             self.ids, self.mask = new_ids, new_mask
             if self.mirror is None:
-                self.cache, self._logprobs, self._hidden = self._forward(new_ids, new_mask, self._new_cache())
+                self.ids, self.mask, self.cache, self._logprobs, self._hidden = self._prefill(new_ids, new_mask)
         elif self.mirror is not None:
             self._place(rows, new_ids, new_mask)
             self._trim()
@@ -107,7 +119,7 @@ class DecodeState:
 
     def _splice_rows(self, rows: list[int], new_ids: torch.Tensor, new_mask: torch.Tensor) -> None:
         """Prompt forward for `rows` alone, then their keys / values replace theirs in the batch cache."""
-        new_cache, logprobs, hidden = self._forward(new_ids, new_mask, self._new_cache())
+        new_ids, new_mask, new_cache, logprobs, hidden = self._prefill(new_ids, new_mask)
         index = torch.tensor(rows, device=self.device)
         self._place(rows, new_ids, new_mask)
         width = self.ids.shape[1]
@@ -131,14 +143,13 @@ class DecodeState:
         self.mask = self.mask.index_copy(0, index, torch.nn.functional.pad(new_mask, (pad, 0), value=0))
 
     def _trim(self) -> None:
-        """Drop leading columns no row uses any more, so the cache never outgrows the longest episode."""
-        used = self.mask.any(0).nonzero()
-        first = int(used[0]) if len(used) else self.mask.shape[1]
-        if first == 0:
+        """Drop columns no row uses any more, so the cache never outgrows the longest episode."""
+        used = self.mask.any(0)
+        if bool(used.all()):
             return
-        self.ids, self.mask = self.ids[:, first:], self.mask[:, first:]
+        self.ids, self.mask = self.ids[:, used], self.mask[:, used]
         for layer in self.cache.layers if self.cache is not None else ():
-            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            layer.keys, layer.values = layer.keys[:, :, used], layer.values[:, :, used]
 
     def advance(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Append one token per row ([num_rows] int64) and compute the next distributions.
@@ -156,7 +167,7 @@ class DecodeState:
     def refresh(self) -> None:
         """Recompute cache and distributions from the token ids, e.g. after the weights changed."""
         if self.ids.shape[1]:
-            self.cache, self._logprobs, self._hidden = self._forward(self.ids, self.mask, self._new_cache())
+            self.ids, self.mask, self.cache, self._logprobs, self._hidden = self._prefill(self.ids, self.mask)
 
     def restore(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Take over saved token ids / mask (a loaded checkpoint) and rebuild the cache from them.
@@ -169,10 +180,11 @@ class DecodeState:
         if self.mirror is None:
             self.refresh()
 
-    def unmirror(self) -> None:
+    def unmirror(self, *, refresh: bool = True) -> None:
         """Stop borrowing the mirror's outputs: run this model's own forwards from now on."""
         self.mirror = None
-        self.refresh()
+        if refresh:
+            self.refresh()
 
     @property
     def logprobs(self) -> torch.Tensor | None:
@@ -190,6 +202,23 @@ class DecodeState:
         """Free the cache (on close)."""
         self.cache = None
         self._logprobs = self._hidden = None
+
+
+@contextmanager
+def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
+    """Dropout off for a forward: the env's log-probs are the deterministic pi(a|s).
+
+    Flags are set directly: Module.train() walks and setattr()s ~400 modules of a 30-layer model,
+    ~10 ms a call.
+    """
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.__dict__["training"] = False
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.__dict__["training"] = mode
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -257,3 +257,31 @@ def test_cli_trains_the_text_env_from_its_id(tiny_lm, tmp_path, capsys):
     assert code == 0 and "evaluation over 2 episodes" in out
     resumed = PPO.load(tmp_path / "text.pt")  # plain env kwargs are saved: the env is rebuilt from them
     assert resumed.global_step >= 48 and resumed.envs.max_new_tokens == 6
+
+
+def test_shared_prompt_opening_gives_the_same_loss_and_gradients(tiny_lm, monkeypatch):
+    """The update runs a prompt opening that all episodes share once; it must not change the maths."""
+    import textenv.prefix
+
+    prompts = [f"Write one sentence about {topic}." for topic in ("the sea", "the cat", "music", "a garden")]
+    envs = gym.make_vec("TextRLHF-v0", num_envs=6, model=str(tiny_lm), reward="length", prompts=prompts,
+                        max_new_tokens=5)
+    agent = PPO(envs, PPOConfig(num_steps=5, num_minibatches=1, seed=0))
+    with torch.no_grad():
+        agent.collect_rollout()
+    buf, n = agent.buffer, agent.buffer.num_steps * agent.buffer.num_envs
+    obs, actions, episodes = buf.obs.reshape(n, 2, -1), buf.actions.reshape(n), buf.episode_ids().reshape(n)
+    assert textenv.prefix.split_shared_prefix(obs[:, 0], obs[:, 1]) is not None  # "write one sentence about"
+
+    def loss_and_grads():
+        agent.policy.zero_grad()
+        logprob, _, value = agent.policy.evaluate(obs, actions, episodes)
+        (logprob.sum() + value.sum()).backward()
+        return logprob.detach(), [p.grad.clone() for p in agent.policy.model.parameters()]
+
+    shared_logprob, shared_grads = loss_and_grads()
+    monkeypatch.setattr(textenv.prefix, "MIN_SHARED_TOKENS", 10_000)  # every row runs whole
+    plain_logprob, plain_grads = loss_and_grads()
+    torch.testing.assert_close(shared_logprob, plain_logprob, atol=1e-5, rtol=0)
+    for a, b in zip(shared_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

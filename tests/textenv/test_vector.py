@@ -69,9 +69,10 @@ def test_vector_env_equals_sync_vector_env_of_single_envs(arch, splice, tiny_dir
         torch.testing.assert_close(
             vec.next_logprobs, torch.stack([e.unwrapped.next_logprobs for e in sync.envs]), atol=1e-5, rtol=0
         )
-        # rows that restart are spliced in, and columns no row needs are dropped
+        # rows that restart are spliced in, and columns no row needs are dropped (a prompt opening
+        # shared by the rows that started together may sit in front of rows that do not use it)
         longest_prompt = max(len(vec.tokenizer(p)["input_ids"]) for p in PROMPTS)
-        assert vec.unwrapped._engine.policy.mask.shape[1] <= longest_prompt + 5
+        assert vec.unwrapped._engine.policy.mask.shape[1] <= 2 * longest_prompt + 5
     assert finished > 10 and np.abs(out_v[1]).max() > 0
 
 
@@ -144,7 +145,9 @@ def test_one_batched_forward_per_step_and_one_reward_call_per_batch(tiny_dir, bo
     model.register_forward_pre_hook(lambda *a: forwards.__setitem__("policy", forwards["policy"] + 1))
     vec.ref_model.register_forward_pre_hook(lambda *a: forwards.__setitem__("ref", forwards["ref"] + 1))
     vec.reset(seed=0)
-    assert forwards == {"policy": 1, "ref": 0}  # the reference borrows the identical policy's outputs
+    # one prompt forward (two when the prompts share an opening: it runs once, for one row); the
+    # reference borrows the identical policy's outputs
+    assert forwards["policy"] in (1, 2) and forwards["ref"] == 0
     boost(model, 9)
     rng = np.random.default_rng(1)
     for _ in range(12):
@@ -152,10 +155,11 @@ def test_one_batched_forward_per_step_and_one_reward_call_per_batch(tiny_dir, bo
         _, _, terminated, _, _ = vec.step(random_actions(rng, 5, vec.single_action_space.n, 1))
         calls_now = calls[len(calls) - int(terminated.any()):]
         assert calls_now == ([int(terminated.sum())] if terminated.any() else [])
-        expected = int(not terminated.all()) + int(terminated.any())
         new = {k: forwards[k] - before[k] for k in forwards}
-        if before["ref"] > 0:  # after the first step both models run once per step (+1 for new prompts)
-            assert new == {"policy": expected, "ref": expected}
+        if before["ref"] > 0:  # after the first step both models run once per step (+1 or 2 for new prompts)
+            prompt_forwards = new["policy"] - int(not terminated.all())
+            assert prompt_forwards in ((1, 2) if terminated.any() else (0,))
+            assert new["ref"] == new["policy"]
     assert forwards["ref"] > 0
 
 

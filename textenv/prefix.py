@@ -1,0 +1,90 @@
+"""Run a causal LM over a batch whose rows all start with the same tokens, computing those once.
+
+Chat-formatted prompts share a long opening (SmolLM2's system prompt is ~25 of a ~35-token
+prompt). The shared tokens' keys and values are the same in every row, so they are computed for one
+row and broadcast; the rest of each row attends to them through the cache. Gradients flow through
+the shared part as through any other, so this is exact for training too (up to float rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+__all__ = ["SharedPrefix", "split_shared_prefix", "prefix_cache"]
+
+MIN_SHARED_TOKENS = 4
+"""Below this, computing the prefix separately saves less than the extra call costs."""
+
+
+@dataclass
+class SharedPrefix:
+    """A batch split into one shared prefix (`ids`, [1, k]) and each row's remaining columns."""
+
+    ids: torch.Tensor
+    rest_ids: torch.Tensor
+    rest_mask: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Attention mask over prefix + rest columns, as the second forward needs it."""
+        batch = self.rest_mask.shape[0]
+        return torch.cat([self.rest_mask.new_ones((batch, self.length)), self.rest_mask], dim=1)
+
+    @property
+    def full_ids(self) -> torch.Tensor:
+        """Token ids in the column order of the cache: prefix first, then each row's rest."""
+        return torch.cat([self.ids.expand(self.rest_ids.shape[0], -1), self.rest_ids], dim=1)
+
+
+def split_shared_prefix(ids: torch.Tensor, mask: torch.Tensor, *, limit: int | None = None) -> SharedPrefix | None:
+    """Split off the longest run of real tokens that opens every row (at most `limit` tokens).
+
+    Rows may be padded anywhere (masked columns); each row drops its first k real tokens, so every
+    row keeps `width - k` columns and a real token in column c of any row moves to column c - k.
+    Every row keeps at least its last real token.
+    Returns None when fewer than MIN_SHARED_TOKENS are shared, or for a single row.
+    """
+    if ids.shape[0] < 2:
+        return None
+    real = mask.bool()
+    longest = int(real.sum(1).min()) - 1  # every row keeps a token: the forward needs one to run on
+    if limit is not None:
+        longest = min(longest, limit)
+    if longest < MIN_SHARED_TOKENS:
+        return None
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :longest]  # real columns, in order
+    leading = ids.gather(1, order)
+    agree = (leading == leading[:1]).all(0).to(torch.int64).cumprod(0)
+    k = int(agree.sum())
+    if k < MIN_SHARED_TOKENS:
+        return None
+    rank = real.cumsum(1) - 1
+    keep = ~(real & (rank < k))
+    rest_shape = (ids.shape[0], ids.shape[1] - k)
+    return SharedPrefix(leading[:1, :k], ids[keep].view(rest_shape), mask[keep].view(rest_shape))
+
+
+def prefix_cache(model: nn.Module, prefix: SharedPrefix, batch: int, **kwargs: Any) -> DynamicCache | None:
+    """The prefix's keys and values from one row, broadcast to `batch` rows (no copy until appended to).
+
+    None for caches with other layer kinds (sliding windows keep extra bookkeeping): run those whole.
+    `kwargs` go to the model (e.g. `logits_to_keep=1`: the prefix's logits are never needed).
+    """
+    out = model(input_ids=prefix.ids, use_cache=True, **kwargs)
+    cache = out.past_key_values
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(batch, -1, -1, -1)
+        layer.values = layer.values.expand(batch, -1, -1, -1)
+    return cache
