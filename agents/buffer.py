@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -66,6 +66,19 @@ class Minibatch:
     returns: torch.Tensor
     mask: torch.Tensor
     episode_ids: torch.Tensor
+
+    def subset(self, index: torch.Tensor) -> Minibatch:
+        """The steps at ``index``."""
+        return Minibatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def chunks(self, count: int, *, by_episode: bool) -> list[torch.Tensor]:
+        """Split the steps into ``count`` index sets of about equal size (whole episodes if asked)."""
+        n = self.mask.shape[0]
+        if not by_episode:
+            return [part for part in torch.arange(n).chunk(count) if len(part)]
+        episodes, owner = torch.unique(self.episode_ids, return_inverse=True)
+        group = owner * count // len(episodes)
+        return [index for g in range(count) if len(index := torch.nonzero(group == g).squeeze(-1))]
 
 
 class RolloutBuffer:

@@ -45,6 +45,10 @@ class PPOConfig:
     """Passes (K epochs) over the rollout per update."""
     num_minibatches: int = 4
     """Shuffled minibatches per epoch; minibatch size is ``batch_size // num_minibatches``."""
+    gradient_accumulation_steps: int = 1
+    """Split each minibatch into this many chunks (whole episodes for language models), run the
+    forward and backward pass per chunk and take one optimizer step: the same update with a fraction
+    of the activation memory."""
     clip_coef: float = 0.2
     """Surrogate clipping range epsilon."""
     clip_vloss: bool = False
@@ -132,7 +136,8 @@ class PPOConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value cannot work, and how to fix it."""
-        for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches", "ptx_batch_size"):
+        for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches", "ptx_batch_size",
+                     "gradient_accumulation_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PPOConfig.{name}={value!r} must be a positive integer")

@@ -20,6 +20,7 @@ from gymnasium import spaces
 from torch import nn
 
 from agents.config import PPOConfig
+from textenv.kl import token_logprobs
 from textenv.prefix import prefix_cache, split_shared_prefix
 
 
@@ -65,7 +66,8 @@ class LMActorCritic(nn.Module):
         self.envs = envs
         self.model = envs.model
         self.model.eval()  # dropout off: PPO ratios must compare the same function (TRL does the same)
-        self.temperature = float(envs.temperature)
+        # the distribution the env samples from and scores the KL with: the same in the PPO ratio
+        self.sampling = (float(envs.temperature), int(getattr(envs, "top_k", 0)), float(getattr(envs, "top_p", 1.0)))
         self.entropy_bonus = config.ent_coef > 0
         hidden = int(self.model.config.hidden_size)
         self.critic_trunk: nn.Module | None = None
@@ -121,12 +123,12 @@ class LMActorCritic(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs ``[B, V]`` at temperature and values ``[B]`` at positions ``(rows, cols)``."""
         hidden = self._hidden_at(self.model.base_model, ids, mask, rows, cols)
-        logits = self.model.get_output_embeddings()(hidden).float() / self.temperature
+        log_probs = token_logprobs(self.model.get_output_embeddings()(hidden), *self.sampling)
         if self.critic_trunk is None:
             value_hidden = hidden
         else:
             value_hidden = self._hidden_at(self.critic_trunk, ids, mask, rows, cols)
-        return torch.log_softmax(logits, dim=-1), self.value_head(value_hidden.float()).squeeze(-1)
+        return log_probs, self.value_head(value_hidden.float()).squeeze(-1)
 
     def _current(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token log-probs and values for a batch of states, reusing the env's cache if possible."""
@@ -175,7 +177,8 @@ class LMActorCritic(nn.Module):
         log_probs, values = self._heads(seq_ids[:, first:], seq_mask[:, first:], rows, (last - first).clamp(min=0))
         # without an entropy bonus the entropy is only logged: no graph over [tokens, vocab] for it
         with torch.set_grad_enabled(self.entropy_bonus and torch.is_grad_enabled()):
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            # tokens a top-k / top-p policy cannot sample (log-prob -inf) contribute 0, not nan
+            entropy = -torch.where(log_probs.isfinite(), log_probs.exp() * log_probs, 0.0).sum(-1)
         return log_probs.gather(-1, actions[:, None].long()).squeeze(-1), entropy, values
 
     def to_env_action(self, actions: torch.Tensor) -> np.ndarray:

@@ -254,6 +254,37 @@ class PPO:
         return stats
 
     def _minibatch_step(self, batch: Minibatch) -> dict[str, float]:
+        """One optimizer step on ``batch``, its gradient summed over ``gradient_accumulation_steps`` chunks.
+
+        Every loss term is a mean over the batch's unmasked steps, so each chunk's terms are weighted
+        by its share of those steps: the step is the same as one pass over the whole batch.
+        """
+        cfg = self.config
+        advantages = batch.advantages
+        if cfg.norm_adv:  # statistics of the whole minibatch, whatever the chunks
+            mean = masked_mean(advantages, batch.mask)
+            std = masked_mean((advantages - mean) ** 2, batch.mask).sqrt()
+            advantages = (advantages - mean) / (std + 1e-8)
+        total = batch.mask.sum().clamp(min=1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        for index in batch.chunks(cfg.gradient_accumulation_steps, by_episode=self._sequence_policy):
+            chunk = batch.subset(index)
+            weight = chunk.mask.sum() / total
+            loss, chunk_stats = self._chunk_loss(chunk, advantages[index])
+            (weight * loss).backward()
+            for key, value in chunk_stats.items():
+                stats[key] = stats.get(key, 0.0) + float(weight) * value
+        if cfg.ptx_coef > 0:
+            ptx_loss = self.policy.pretraining_loss(self.generator)
+            (cfg.ptx_coef * ptx_loss).backward()
+            stats["losses/ptx_loss"] = ptx_loss.item()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        return stats
+
+    def _chunk_loss(self, batch: Minibatch, advantages: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The PPO loss (clipped or KL-penalised surrogate, value loss, entropy bonus) on some steps."""
         cfg = self.config
         if self._sequence_policy:
             logprob, entropy, value = self.policy.evaluate(batch.obs, batch.actions, batch.episode_ids)
@@ -262,11 +293,6 @@ class PPO:
         log_ratio = logprob - batch.logprobs
         ratio = log_ratio.exp()
         kl_per_sample = (ratio - 1) - log_ratio  # k3: unbiased, never negative (Schulman's blog)
-        advantages = batch.advantages
-        if cfg.norm_adv:
-            mean = masked_mean(advantages, batch.mask)
-            std = masked_mean((advantages - mean) ** 2, batch.mask).sqrt()
-            advantages = (advantages - mean) / (std + 1e-8)
         if cfg.policy_loss == "clip":
             policy_loss = clipped_surrogate(ratio, advantages, batch.mask, cfg.clip_coef)
         else:
@@ -279,18 +305,9 @@ class PPO:
         loss = policy_loss + cfg.vf_coef * v_loss
         if cfg.ent_coef > 0:  # skipped at 0: its backward over a 49k vocabulary is not free
             loss = loss - cfg.ent_coef * entropy_mean
-        ptx_loss = None
-        if cfg.ptx_coef > 0:
-            ptx_loss = self.policy.pretraining_loss(self.generator)
-            loss = loss + cfg.ptx_coef * ptx_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm, foreach=True)
-        self.optimizer.step()
         with torch.no_grad():
             clipped = ((ratio - 1).abs() > cfg.clip_coef).float()
-            extra = {} if ptx_loss is None else {"losses/ptx_loss": ptx_loss.item()}
-            return extra | {
+            return loss, {
                 "losses/policy_loss": policy_loss.item(),
                 "losses/value_loss": v_loss.item(),
                 "losses/entropy": entropy_mean.item(),
@@ -324,6 +341,40 @@ class PPO:
             action, _, _ = self.policy.act(batch, deterministic=deterministic, generator=self.generator)
         env_action = self.policy.to_env_action(action)
         return env_action[0] if single else env_action
+
+    def sample_episodes(self, n_episodes: int, *, deterministic: bool = False) -> list[dict[str, Any]]:
+        """Play ``n_episodes`` whole episodes with the current policy in the training envs, without training.
+
+        Returns one dict per episode: ``return``, ``length`` and what the env reported at its end
+        (TextRLHF-v0: ``prompt``, ``completion``, ``score``, ...). The envs are reset afterwards, so
+        the next rollout starts fresh episodes.
+        """
+        if not isinstance(n_episodes, int) or n_episodes < 1:
+            raise ValueError(f"n_episodes={n_episodes!r} must be a positive integer")
+        found: list[dict[str, Any]] = []
+        with torch.inference_mode():
+            while len(found) < n_episodes:
+                obs, _ = self.envs.reset()
+                running = np.ones(self.num_envs, dtype=bool)
+                returns, lengths = np.zeros(self.num_envs), np.zeros(self.num_envs, dtype=np.int64)
+                while running.any():
+                    action, _, _ = self.policy.act(
+                        self._obs_tensor(obs), deterministic=deterministic, generator=self.generator
+                    )
+                    obs, reward, terminated, truncated, info = self.envs.step(self.policy.to_env_action(action))
+                    returns += np.where(running, reward, 0.0)
+                    lengths += running
+                    done = (terminated | truncated) & running
+                    final = info.get("final_info", {}) if self.autoreset_mode == AutoresetMode.SAME_STEP else info
+                    for i in np.flatnonzero(done):
+                        reported = {k: v[i] for k, v in final.items() if k[0] != "_" and final.get(f"_{k}", done)[i]}
+                        found.append({"return": float(returns[i]), "length": int(lengths[i])} | reported)
+                    running &= ~done
+        self._next_obs, _ = self.envs.reset()
+        self._reset_pending[:] = False
+        self._episode_return[:], self._episode_length[:] = 0.0, 0
+        self._fresh = True
+        return found[:n_episodes]
 
     def evaluate(
         self, n_episodes: int = 10, *, env: gym.Env | None = None, deterministic: bool = True, seed: int | None = None

@@ -66,8 +66,9 @@ MINIBATCH = 8  # episodes per minibatch: num_minibatches = B / 8
 TEMPERATURE = 0.7
 KL_COEF = 0.05
 MODELS = ("tiny", "smollm2")
-AGENTS = ("ours", "trl", "generate")
-LABELS = {"ours": "ours", "trl": "TRL 1.12", "generate": "generate"}
+AGENTS = ("ours", "ours-bf16ref", "trl", "generate")
+LABELS = {"ours": "ours", "ours-bf16ref": "ours, bf16 reference", "trl": "TRL 1.12", "generate": "generate"}
+OURS = ("ours", "ours-bf16ref")
 DEFAULT_BATCHES = {"tiny": (16, 64), "smollm2": (16,)}
 # TRL 1.12.0 figures from /work/shared/PEERS.md (one core): s/iteration, rollout s, optimise s,
 # rollout tok/s, peak RSS GiB; shown for context, the targets compare against TRL in the same run
@@ -201,20 +202,22 @@ def left_padded(rows: list[list[int]], pad_id: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- runners
-def run_ours(model_dir: str, batch: int, iterations: int, profile_path: Path | None) -> RunRecord:
+def run_ours(
+    model_dir: str, batch: int, iterations: int, profile_path: Path | None, ref_dtype: str | None = None
+) -> RunRecord:
     """Our PPO on the TextRLHF-v0 vector env: rollout and update timed separately."""
     import gymnasium as gym
     import torch
+    from gymnasium.vector import AutoresetMode
 
     import textenv  # noqa: F401  (registers TextRLHF-v0)
     from agents import PPO, PPOConfig
-
-    from gymnasium.vector import AutoresetMode
 
     # as TRL's figures: no EOS stop (every response has 32 tokens); finished rows wait for the batch
     envs = gym.make_vec(
         "TextRLHF-v0", num_envs=batch, model=model_dir, reward="sentiment", temperature=TEMPERATURE,
         max_new_tokens=NEW_TOKENS, kl_coef=KL_COEF, eos_token_id=[], autoreset_mode=AutoresetMode.DISABLED,
+        ref_dtype=ref_dtype,
     )
     config = PPOConfig(
         num_steps=NEW_TOKENS, update_epochs=PPO_EPOCHS, num_minibatches=batch // MINIBATCH,
@@ -232,7 +235,7 @@ def run_ours(model_dir: str, batch: int, iterations: int, profile_path: Path | N
         agent.update()
         return Iteration.between(start, rolled, now())
 
-    record = RunRecord("ours", "", batch, warmup=one_iteration())
+    record = RunRecord("ours" if ref_dtype is None else "ours-bf16ref", "", batch, warmup=one_iteration())
     profiler = _start_profile(profile_path)
     record.iterations = [one_iteration() for _ in range(iterations)]
     _stop_profile(profiler, profile_path)
@@ -427,8 +430,9 @@ def worker(argv: list[str]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    if args.agent == "ours":
-        record = run_ours(args.model_dir, args.batch, args.iterations, args.profile)
+    if args.agent in OURS:
+        ref_dtype = "bfloat16" if args.agent == "ours-bf16ref" else None
+        record = run_ours(args.model_dir, args.batch, args.iterations, args.profile, ref_dtype)
     elif args.agent == "trl":
         record = run_trl(args.model_dir, args.batch, args.iterations, args.trl_reward)
     else:
@@ -447,7 +451,7 @@ def run_subprocess(agent: str, model: str, model_dir: str, batch: int, args: arg
             "--model", model, "--model-dir", model_dir, "--batch", str(batch),
             "--iterations", str(args.iterations), "--trl-reward", args.trl_reward, "--json", str(out),
         ]
-        if args.profile and agent == "ours":
+        if args.profile and agent in OURS:
             command += ["--profile", str(args.out / f"text_ppo_profile_{model}_b{batch}.txt")]
         env = os.environ | {
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -503,22 +507,24 @@ def markdown_table(records: list[RunRecord]) -> str:
         if peer is not None:
             s_iter, rollout, optimise, tokens, rss = peer
             lines.append(f"{row} TRL, PEERS.md figures | {tokens:.0f} | {rollout} | {optimise} | {s_iter} | | {rss} |")
-        ours, trl, gen = by_agent.get("ours"), by_agent.get("trl"), by_agent.get("generate")
-        if ours and trl:
-            lines.append(
-                f"{row} **ours / TRL** (target) | {_ratio(ours.tokens_per_s, trl.tokens_per_s)} "
-                f"({_ratio(ours.tokens_per_cpu_s, trl.tokens_per_cpu_s)}) (>= 1.3x) | "
-                f"{_ratio(ours.median('rollout_s'), trl.median('rollout_s'))} | "
-                f"{_ratio(ours.median('optimise_s'), trl.median('optimise_s'))} | "
-                f"{_ratio(ours.median('iteration_s'), trl.median('iteration_s'))} (<= 0.5x) | "
-                f"{_ratio(ours.median('iteration_cpu_s'), trl.median('iteration_cpu_s'))} | "
-                f"{_ratio(ours.peak_rss_bytes, trl.peak_rss_bytes)} (<= 0.5x) |"
-            )
-        if ours and gen:
-            lines.append(
-                f"{row} **ours / generate** (target) | {_ratio(ours.tokens_per_s, gen.tokens_per_s)} "
-                f"({_ratio(ours.tokens_per_cpu_s, gen.tokens_per_cpu_s)}) (>= 0.45x) | | | | | |"
-            )
+        trl, gen = by_agent.get("trl"), by_agent.get("generate")
+        for variant in OURS:
+            ours, label = by_agent.get(variant), LABELS[variant]
+            if ours and trl:
+                lines.append(
+                    f"{row} **{label} / TRL** (target) | {_ratio(ours.tokens_per_s, trl.tokens_per_s)} "
+                    f"({_ratio(ours.tokens_per_cpu_s, trl.tokens_per_cpu_s)}) (>= 1.3x) | "
+                    f"{_ratio(ours.median('rollout_s'), trl.median('rollout_s'))} | "
+                    f"{_ratio(ours.median('optimise_s'), trl.median('optimise_s'))} | "
+                    f"{_ratio(ours.median('iteration_s'), trl.median('iteration_s'))} (<= 0.5x) | "
+                    f"{_ratio(ours.median('iteration_cpu_s'), trl.median('iteration_cpu_s'))} | "
+                    f"{_ratio(ours.peak_rss_bytes, trl.peak_rss_bytes)} (<= 0.5x) |"
+                )
+            if ours and gen:
+                lines.append(
+                    f"{row} **{label} / generate** (target) | {_ratio(ours.tokens_per_s, gen.tokens_per_s)} "
+                    f"({_ratio(ours.tokens_per_cpu_s, gen.tokens_per_cpu_s)}) (>= 0.45x) | | | | | |"
+                )
     return "\n".join(lines)
 
 

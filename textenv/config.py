@@ -13,6 +13,8 @@ from .kl import KL_ESTIMATORS, KLController, as_kl_controller
 
 __all__ = ["TextEnvConfig"]
 
+REF_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class TextEnvConfig:
@@ -24,6 +26,10 @@ class TextEnvConfig:
     """Prompt length limit after the chat template; sets the observation width with max_new_tokens."""
     temperature: float = 0.7
     """Temperature of both log-probs in the KL term; the agent must sample at the same one."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: all); the log-probs are those of that distribution."""
+    top_p: float = 1.0
+    """Sample from the smallest set of tokens holding this much probability (1.0: all)."""
     kl_coef: float | KLController = 0.05
     """Weight of the per-token KL penalty: a float, or a controller such as AdaptiveKLController."""
     kl_estimator: str = "k1"
@@ -36,6 +42,8 @@ class TextEnvConfig:
     """Apply the tokenizer's chat template to prompts when it has one."""
     truncate_prompts: bool = False
     """Keep the last max_prompt_tokens tokens of longer prompts instead of raising PromptError."""
+    ref_dtype: str | None = None
+    """Precision of the frozen reference: None (the policy's), 'float32', 'bfloat16' or 'float16'."""
 
     def __post_init__(self) -> None:
         _positive_int(self.max_new_tokens, "max_new_tokens", "max_new_tokens=32")
@@ -45,6 +53,10 @@ class TextEnvConfig:
                 f"temperature={self.temperature!r} must be a finite number > 0; use the temperature the "
                 f"agent samples with, e.g. temperature=0.7"
             )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k!r} must be an integer >= 0 (0 turns it off), e.g. top_k=50")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ConfigError(f"top_p={self.top_p!r} must be a number in (0, 1] (1.0 turns it off), e.g. top_p=0.9")
         as_kl_controller(self.kl_coef)
         if self.kl_estimator not in KL_ESTIMATORS:
             close = difflib.get_close_matches(str(self.kl_estimator), KL_ESTIMATORS, n=1, cutoff=0.5)
@@ -57,6 +69,10 @@ class TextEnvConfig:
         if self.missing_eos_penalty is not None and not _is_number(self.missing_eos_penalty):
             raise ConfigError(
                 f"missing_eos_penalty={self.missing_eos_penalty!r} must be a finite number or None"
+            )
+        if self.ref_dtype is not None and self.ref_dtype not in REF_DTYPE_NAMES:
+            raise ConfigError(
+                f"ref_dtype={self.ref_dtype!r} is not one of {REF_DTYPE_NAMES} or None; e.g. ref_dtype='bfloat16'"
             )
         for name in ("chat_template", "truncate_prompts"):
             if not isinstance(getattr(self, name), bool):

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import TextEnvConfig, eos_ids
 from .decoding import DecodeState
-from .kl import KLController, as_kl_controller, kl_estimates
+from .kl import KLController, as_kl_controller, kl_estimates, restrict_to_support
 from .models import Shared, load_policy, load_tokenizer, same_weights, weights_version
 from .prompts import PromptSet
 from .rewards import RewardSet, build_reward
@@ -63,7 +63,7 @@ def build_components(
     """Validate the settings, then load or adopt models, tokenizer, prompts and reward."""
     controller = as_kl_controller(_unwrap(settings.pop("kl_coef")))
     config = TextEnvConfig(kl_coef=controller, **settings)  # validates before anything heavy loads
-    policy, reference, source, model_handle = load_policy(model, device=device)
+    policy, reference, source, model_handle = load_policy(model, device=device, ref_dtype=config.ref_dtype)
     tokenizer = load_tokenizer(_unwrap(tokenizer), source or None)
     vocab_size = _vocab_size(policy)
     ends = eos_ids(eos_token_id, tokenizer, getattr(policy, "generation_config", None), vocab_size)
@@ -117,8 +117,11 @@ class Engine:
         cfg = parts.config
         self.parts, self.cfg, self.num_rows = parts, cfg, num_rows
         common = {"num_rows": num_rows, "temperature": cfg.temperature, "pad_id": parts.pad_id}
-        self.policy = DecodeState(parts.policy, track_weights=True, **common)
+        # the reference is scored at the temperature alone; with top-k / top-p it is renormalised
+        # over the tokens the policy can sample (see `step`), so the KL compares the same support
+        self.policy = DecodeState(parts.policy, track_weights=True, top_k=cfg.top_k, top_p=cfg.top_p, **common)
         self.ref = DecodeState(parts.reference, track_weights=False, **common)
+        self._truncated = cfg.top_k > 0 or cfg.top_p < 1.0
         self.obs_ids = np.full((num_rows, cfg.obs_length), parts.pad_id, dtype=np.int64)
         self.obs_mask = np.zeros((num_rows, cfg.obs_length), dtype=np.int64)
         self.prompt_index = np.zeros(num_rows, dtype=np.int64)
@@ -182,7 +185,10 @@ class Engine:
         logprobs = self.next_logprobs()
         live = self.active.copy()
         tokens = torch.as_tensor(np.where(live, actions, self.parts.pad_id), dtype=torch.long, device=logprobs.device)
-        estimates = {k: v.double().cpu().numpy() for k, v in kl_estimates(logprobs, self.ref.logprobs, tokens).items()}
+        ref_logprobs = self.ref.logprobs
+        if self._truncated and self.ref.mirror is None:
+            ref_logprobs = restrict_to_support(ref_logprobs, logprobs)
+        estimates = {k: v.double().cpu().numpy() for k, v in kl_estimates(logprobs, ref_logprobs, tokens).items()}
         for values in estimates.values():
             values[~live] = 0.0
         kl = estimates[self.cfg.kl_estimator]
@@ -336,6 +342,14 @@ class TextEnvAttributes:
     @property
     def temperature(self) -> float:
         return self._parts.config.temperature
+
+    @property
+    def top_k(self) -> int:
+        return self._parts.config.top_k
+
+    @property
+    def top_p(self) -> float:
+        return self._parts.config.top_p
 
     @property
     def max_new_tokens(self) -> int:

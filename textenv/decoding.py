@@ -32,11 +32,19 @@ class DecodeState:
     """
 
     def __init__(
-        self, model: nn.Module, *, num_rows: int, temperature: float, pad_id: int, track_weights: bool
+        self,
+        model: nn.Module,
+        *,
+        num_rows: int,
+        temperature: float,
+        pad_id: int,
+        track_weights: bool,
+        top_k: int = 0,
+        top_p: float = 1.0,
     ) -> None:
         self.model = model
         self.num_rows = num_rows
-        self.temperature = temperature
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.pad_id = pad_id
         self.track_weights = track_weights
         self.device = next(model.parameters()).device
@@ -72,7 +80,7 @@ class DecodeState:
             )
         if self.track_weights:
             self.version = weights_version(self.params)
-        logprobs = token_logprobs(out.logits[:, -1], self.temperature)
+        logprobs = token_logprobs(out.logits[:, -1], self.temperature, self.top_k, self.top_p)
         return out.past_key_values, logprobs, out.hidden_states[-1][:, -1].float()
 
     def _new_cache(self) -> DynamicCache:

@@ -21,19 +21,41 @@ __all__ = [
     "AdaptiveKLController",
     "as_kl_controller",
     "token_logprobs",
+    "restrict_to_support",
     "kl_estimates",
 ]
 
 KL_ESTIMATORS = ("k1", "k3", "full")
 
 
-def token_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log-softmax(logits / temperature) in float32.
+def token_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs of the sampling distribution in float32: softmax at `temperature`, then top-k, then top-p.
 
-    float32 because bf16 keeps ~3 significant digits, and the per-token log pi - log pi_ref
-    differences (the KL term) would drown in rounding.
+    Tokens outside the kept set get -inf and the rest are renormalised, as `generate` samples
+    (top-k and top-p off at 0 and 1.0). float32 because bf16 keeps ~3 significant digits, and the
+    per-token log pi - log pi_ref differences (the KL term) would drown in rounding.
     """
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if 0 < top_k < logprobs.shape[-1]:
+        kth = logprobs.topk(top_k, dim=-1).values[..., -1:]
+        logprobs = _renormalise(logprobs.masked_fill(logprobs < kth, -math.inf))
+    if top_p < 1.0:
+        ordered, order = logprobs.sort(dim=-1, descending=True)
+        mass_before = ordered.exp().cumsum(-1) - ordered.exp()
+        # keep the most likely tokens until their mass reaches top_p (at least one)
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logprobs = _renormalise(logprobs.masked_fill(drop, -math.inf))
+    return logprobs
+
+
+def restrict_to_support(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """pi_ref renormalised over the tokens pi can sample: a top-k / top-p policy's KL stays finite."""
+    return _renormalise(ref_logprobs.masked_fill(torch.isneginf(logprobs), -math.inf))
+
+
+def _renormalise(logprobs: torch.Tensor) -> torch.Tensor:
+    return logprobs - logprobs.logsumexp(-1, keepdim=True)
 
 
 def kl_estimates(

@@ -51,11 +51,12 @@ class Shared:
     The handle also keeps the frozen reference copy, made once for all envs built from it.
     """
 
-    __slots__ = ("value", "reference")
+    __slots__ = ("value", "references")
 
     def __init__(self, value: Any) -> None:
         self.value = value
-        self.reference: nn.Module | None = None
+        self.references: dict[torch.dtype | None, nn.Module] = {}
+        """Frozen references by dtype (None: the policy's own)."""
 
     def __deepcopy__(self, memo: dict) -> Shared:
         return self
@@ -158,22 +159,36 @@ def _from_pretrained(cls: Any, source: str, argument: str, **kwargs: Any) -> Any
 _REFERENCES: weakref.WeakValueDictionary[tuple, nn.Module] = weakref.WeakValueDictionary()
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with `requires_grad=False`: the KL reference pi_ref."""
+REF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A deep copy in eval mode with `requires_grad=False`: the KL reference pi_ref.
+
+    `dtype` stores it in another precision: bfloat16 halves its memory and the weight traffic
+    of its per-token forwards, at ~0.01-0.05 nats of rounding noise per token log-prob.
+    """
     ref = copy.deepcopy(model)
+    if dtype is not None:
+        ref.to(dtype)
     ref.eval()
     ref.requires_grad_(False)
     return ref
 
 
 def load_policy(
-    model: nn.Module | Shared | str | os.PathLike | None, *, device: str | torch.device | None = None
+    model: nn.Module | Shared | str | os.PathLike | None,
+    *,
+    device: str | torch.device | None = None,
+    ref_dtype: str | None = None,
 ) -> tuple[nn.Module, nn.Module, str | None, Shared | None]:
     """Return (policy, frozen reference, source directory or hub id, handle of a passed module).
 
-    A module passed in is used as is (never copied) and its frozen reference is made once per handle.
-    A path is loaded once per process into a shared frozen reference; each env trains its own copy.
+    A module passed in is used as is (never copied) and its frozen reference is made once per handle
+    (and `ref_dtype`). A path is loaded once per process into a shared frozen reference; each env
+    trains its own float32 copy.
     """
+    dtype = None if ref_dtype is None else REF_DTYPES[ref_dtype]
     if isinstance(model, nn.Module):
         model = Shared(model)
     if isinstance(model, Shared):
@@ -183,10 +198,10 @@ def load_policy(
                 f"device={str(device)!r} differs from the device of the model passed in "
                 f"({_device_of(policy)}); move the model with model.to(device) or leave device=None"
             )
-        if model.reference is None:
-            model.reference = frozen_copy(policy)
+        if dtype not in model.references:
+            model.references[dtype] = frozen_copy(policy, dtype)
         source = getattr(getattr(policy, "config", None), "_name_or_path", None)
-        return policy, model.reference, source or None, model
+        return policy, model.references[dtype], source or None, model
     if model is not None and not isinstance(model, (str, os.PathLike)):
         raise ConfigError(
             f"model={model!r} is not a model; pass a transformers causal LM module, a directory, "
@@ -205,6 +220,12 @@ def load_policy(
         _REFERENCES[key] = ref
     policy = copy.deepcopy(ref)
     policy.requires_grad_(True)
+    if dtype is not None and dtype != torch.float32:
+        key = (*key, str(dtype))
+        low = _REFERENCES.get(key)
+        if low is None:
+            low = _REFERENCES[key] = frozen_copy(ref, dtype)
+        ref = low
     return policy, ref, source, None
 
 

@@ -60,12 +60,15 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
         max_new_tokens: int = 32,
         max_prompt_tokens: int = 64,
         temperature: float = 0.7,
+        top_k: int = 0,
+        top_p: float = 1.0,
         kl_coef: float | KLController = 0.05,
         kl_estimator: str = "k1",
         reward_clip: float | None = 5.0,
         missing_eos_penalty: float | None = None,
         chat_template: bool = True,
         truncate_prompts: bool = False,
+        ref_dtype: str | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         device: str | torch.device | None = None,
         render_mode: str | None = None,
@@ -88,9 +91,11 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
             raise ConfigError(f"render_mode={render_mode!r} is not one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
         settings = dict(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                        temperature=temperature, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                        temperature=temperature, top_k=top_k, top_p=top_p, kl_coef=kl_coef,
+                        kl_estimator=kl_estimator,
                         reward_clip=reward_clip, missing_eos_penalty=missing_eos_penalty,
-                        chat_template=chat_template, truncate_prompts=truncate_prompts)
+                        chat_template=chat_template, truncate_prompts=truncate_prompts,
+                        ref_dtype=ref_dtype)
         self._parts = build_components(model=model, tokenizer=tokenizer, reward=reward, prompts=prompts,
                                        eos_token_id=eos_token_id, device=device, settings=settings)
         self.num_envs = num_envs

@@ -44,9 +44,13 @@ def test_lm_policy_is_picked_and_trains_the_envs_own_model(tiny_lm):
     assert any(not torch.equal(a, b) for a, b in zip(before, envs.model.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("critic", ["shared", "separate"])
-def test_rollout_log_probs_and_values_match_a_fresh_forward(tiny_lm, critic):
-    envs = _envs(str(tiny_lm), "length", max_new_tokens=5, temperature=0.7)
+@pytest.mark.parametrize(
+    ("critic", "sampling"),
+    [("shared", {}), ("separate", {}), ("shared", {"top_k": 5}), ("shared", {"top_p": 0.8, "top_k": 20})],
+)
+def test_rollout_log_probs_and_values_match_a_fresh_forward(tiny_lm, critic, sampling):
+    """The log-probs PPO stores, the env's KL uses and the update recomputes come from one distribution."""
+    envs = _envs(str(tiny_lm), "length", max_new_tokens=5, temperature=0.7, **sampling)
     agent = PPO(envs, PPOConfig(num_steps=12, num_minibatches=1, seed=0, critic=critic, whole_episodes=False))
     with torch.no_grad():
         for p in agent.policy.value_head.parameters():
@@ -60,6 +64,11 @@ def test_rollout_log_probs_and_values_match_a_fresh_forward(tiny_lm, critic):
     torch.testing.assert_close(grouped[0], buf.logprobs.reshape(n), atol=1e-5, rtol=0)
     torch.testing.assert_close(grouped[2], buf.values.reshape(n), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(one_by_one[0], grouped[0], atol=1e-5, rtol=0)
+    assert grouped[1].isfinite().all()  # entropy of a truncated distribution too
+    if sampling:  # only kept tokens are sampled, and the env scores them with the same log-probs
+        kept = envs.next_logprobs.isfinite().sum(-1)
+        assert (kept <= sampling.get("top_k", 10**6)).all() and (kept < envs.single_action_space.n).all()
+        assert buf.logprobs.isfinite().all()
 
 
 def test_episodes_stay_whole_in_minibatches(tiny_lm):
@@ -285,3 +294,17 @@ def test_shared_prompt_opening_gives_the_same_loss_and_gradients(tiny_lm, monkey
     torch.testing.assert_close(shared_logprob, plain_logprob, atol=1e-5, rtol=0)
     for a, b in zip(shared_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_accumulation_gives_the_same_update(tiny_lm):
+    def train(chunks: int) -> PPO:
+        envs = _envs(str(tiny_lm), "length", num_envs=4, max_new_tokens=5)
+        config = PPOConfig(num_steps=5, num_minibatches=1, update_epochs=2, seed=0, learning_rate=1e-3,
+                           gradient_accumulation_steps=chunks)
+        return PPO(envs, config).learn(1, progress=False)
+
+    whole, split = train(1), train(3)
+    for a, b in zip(whole.policy.parameters(), split.policy.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for key in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl"):
+        assert whole.last_stats[key] == pytest.approx(split.last_stats[key], rel=1e-5, abs=1e-7)

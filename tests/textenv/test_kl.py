@@ -88,3 +88,37 @@ def test_fixed_controller_and_custom_controllers():
 def test_adaptive_controller_validates(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         AdaptiveKLController(**kwargs)
+
+
+def test_top_k_and_top_p_keep_the_likely_tokens_and_renormalise():
+    import math
+
+    from textenv.kl import restrict_to_support, token_logprobs
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    torch.testing.assert_close(token_logprobs(logits, 1.0).exp(), probs)
+    torch.testing.assert_close(token_logprobs(logits, 1.0, top_k=2).exp(), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    # top-p: the most likely tokens until their mass reaches p
+    torch.testing.assert_close(token_logprobs(logits, 1.0, top_p=0.8).exp(), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    three = torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95
+    torch.testing.assert_close(token_logprobs(logits, 1.0, top_p=0.81).exp(), three)
+    assert token_logprobs(logits, 1.0, top_p=0.1).isfinite().sum() == 1  # always at least one token
+    # top-k first, then top-p on the renormalised rest
+    torch.testing.assert_close(token_logprobs(logits, 1.0, top_k=3, top_p=0.6).exp(),
+                               torch.tensor([[0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]]))
+    ref = torch.tensor([[0.25, 0.25, 0.25, 0.25]]).log()
+    restricted = restrict_to_support(ref, token_logprobs(logits, 1.0, top_k=2))
+    torch.testing.assert_close(restricted.exp(), torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
+    assert restricted[0, 3] == -math.inf
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"top_k": -1}, "top_k=-1 must be"), ({"top_p": 0.0}, "top_p=0.0 must be"), ({"top_p": 1.5}, "top_p=1.5 must be")],
+)
+def test_bad_sampling_settings_are_named(kwargs, message):
+    from textenv.config import TextEnvConfig
+
+    with pytest.raises(ConfigError, match=message):
+        TextEnvConfig(**kwargs)

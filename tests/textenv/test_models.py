@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from textenv import Shared, TextRLHFEnv, models
-from textenv.errors import DependencyNotInstalled
+from textenv.errors import ConfigError, DependencyNotInstalled
 from textenv.testing import SAMPLE_PROMPTS
 
 
@@ -78,3 +78,27 @@ def test_envs_from_one_path_share_the_frozen_reference_but_not_the_policy(tiny_d
     assert a.ref_model is b.ref_model and a.model is not b.model
     assert all(p.requires_grad for p in a.model.parameters())
     assert not any(p.requires_grad for p in a.ref_model.parameters())
+
+
+def test_reference_in_bfloat16_keeps_the_kl_small_and_float32_logprobs(tiny_dir):
+    import gymnasium as gym
+    import numpy as np
+
+    from textenv.testing import SAMPLE_PROMPTS
+
+    env = gym.make("TextRLHF-v0", model=tiny_dir, prompts=list(SAMPLE_PROMPTS), ref_dtype="bfloat16",
+                   max_new_tokens=6, kl_estimator="k1")
+    assert next(env.unwrapped.ref_model.parameters()).dtype == torch.bfloat16
+    assert next(env.unwrapped.model.parameters()).dtype == torch.float32
+    env.reset(seed=0)
+    kls = []
+    for _ in range(6):
+        assert env.unwrapped.next_logprobs.dtype == torch.float32
+        _, _, terminated, _, info = env.step(int(env.unwrapped.next_logprobs.argmax()))
+        kls.append(info["kl"])
+        if terminated:
+            break
+    # the same weights rounded to bf16: log-probs differ by rounding only
+    assert 0 < np.abs(kls).max() < 0.1
+    with pytest.raises(ConfigError, match="ref_dtype=.bf16. is not one of"):
+        gym.make("TextRLHF-v0", model=tiny_dir, ref_dtype="bf16")

@@ -21,7 +21,8 @@ def test_split_finds_the_shared_opening_whatever_the_padding():
     shared = split_shared_prefix(ids, mask)
     assert shared.ids.tolist() == [[5, 6, 7, 8]]
     assert shared.rest_ids.shape == (3, 5)
-    assert [row[m.bool()].tolist() for row, m in zip(shared.rest_ids, shared.rest_mask)] == [[9, 10], [11], [9, 12, 13]]
+    rests = [row[m.bool()].tolist() for row, m in zip(shared.rest_ids, shared.rest_mask, strict=True)]
+    assert rests == [[9, 10], [11], [9, 12, 13]]
     # columns in cache order: prefix first, then the rest of each row
     assert shared.full_ids[1][shared.mask[1].bool()].tolist() == [5, 6, 7, 8, 11]
     assert split_shared_prefix(ids, mask, limit=2) is None  # too short to be worth a call
