@@ -1,15 +1,19 @@
-"""Checkpoint files: atomic writes, loads that name the bad path, and RNG capture."""
+"""Checkpoints: what a PPO run consists of, atomic writes, loads that name the bad path, RNG capture."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from agents.ppo import PPO
 
 FORMAT_VERSION = 1
 
@@ -77,3 +81,81 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
+
+
+def agent_state(agent: PPO) -> dict[str, Any]:
+    """Everything a run needs to continue exactly: weights, optimizer, statistics, RNGs, envs, progress."""
+    return {
+        "env_id": agent.env_id,
+        "built_from_id": agent._built_from_id,
+        "env_kwargs": agent.env_kwargs if _is_plain_data(agent.env_kwargs) else None,
+        "config": agent.config.to_dict(),
+        "policy": agent.policy.state_dict(),
+        "optimizer": agent.optimizer.state_dict(),
+        "obs_normalizer": agent.obs_normalizer.stats.state_dict(),
+        "reward_scaler": agent.reward_scaler.state_dict(),
+        "rng": capture_rng(agent.generator),
+        "progress": {
+            "global_step": agent.global_step, "iteration": agent.iteration, "kl_beta": agent.kl_beta,
+            "schedule": agent._schedule, "episodes": list(agent.episodes),
+        },
+        "env_state": _env_state(agent),
+    }
+
+
+def restore_agent(agent: PPO, state: dict[str, Any]) -> None:
+    """Inverse of :func:`agent_state`, into an agent freshly built with the same config and env."""
+    agent.policy.load_state_dict(state["policy"])
+    agent.optimizer.load_state_dict(state["optimizer"])
+    agent.obs_normalizer.stats.load_state_dict(state["obs_normalizer"])
+    agent.reward_scaler.load_state_dict(state["reward_scaler"])
+    progress = state["progress"]
+    agent.global_step, agent.iteration = progress["global_step"], progress["iteration"]
+    agent.kl_beta, agent._schedule = progress["kl_beta"], tuple(progress["schedule"])
+    agent.episodes = [tuple(e) for e in progress["episodes"]]
+    _restore_env_state(agent, state["env_state"])
+    restore_rng(state["rng"], agent.generator)
+
+
+def _env_state(agent: PPO) -> dict[str, Any]:
+    envs = agent.envs
+    state: dict[str, Any] = {
+        "next_obs": agent._next_obs, "reset_pending": agent._reset_pending, "fresh": agent._fresh,
+        "episode_return": agent._episode_return, "episode_length": agent._episode_length, "sub_envs": None,
+        # envs that can describe their own state (TextRLHF-v0: episodes in flight, KL controller)
+        "vector_env": envs.state_dict() if hasattr(envs, "state_dict") else None,
+    }
+    sub_envs = getattr(envs, "envs", None)  # SyncVectorEnv keeps its envs in-process
+    if sub_envs is not None:
+        try:
+            state["sub_envs"] = pickle.dumps(sub_envs)
+        except Exception:  # an env that cannot be pickled restarts its episodes on load instead
+            state["sub_envs"] = None
+    return state
+
+
+def _restore_env_state(agent: PPO, state: dict[str, Any]) -> None:
+    if state.get("vector_env") is not None and hasattr(agent.envs, "load_state_dict"):
+        agent.envs.load_state_dict(state["vector_env"])
+    else:
+        sub_envs = getattr(agent.envs, "envs", None)
+        if state["sub_envs"] is None or sub_envs is None:
+            return  # fresh episodes from the reset in PPO.__init__
+        restored = pickle.loads(state["sub_envs"])
+        if len(restored) != len(sub_envs):
+            return
+        agent.envs.envs = restored
+    agent._next_obs, agent._reset_pending = state["next_obs"], state["reset_pending"]
+    agent._fresh = bool(state.get("fresh", False))
+    agent._episode_return, agent._episode_length = state["episode_return"], state["episode_length"]
+
+
+def _is_plain_data(value: Any) -> bool:
+    """Strings, numbers, None and lists / dicts of them: what a checkpoint can hold for env_kwargs."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain_data(v) for k, v in value.items())
+    return False

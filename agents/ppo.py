@@ -7,7 +7,6 @@ hides how they are stored, and this file only runs the algorithm (Schulman et al
 from __future__ import annotations
 
 import os
-import pickle
 import time
 from collections.abc import Callable
 from typing import Any
@@ -405,40 +404,7 @@ class PPO:
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write everything needed to continue this run exactly, atomically."""
-        checkpoint.save_checkpoint(
-            {
-                "env_id": self.env_id,
-                "built_from_id": self._built_from_id,
-                "env_kwargs": self.env_kwargs if _is_plain_data(self.env_kwargs) else None,
-                "config": self.config.to_dict(),
-                "policy": self.policy.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "obs_normalizer": self.obs_normalizer.stats.state_dict(),
-                "reward_scaler": self.reward_scaler.state_dict(),
-                "rng": checkpoint.capture_rng(self.generator),
-                "progress": {
-                    "global_step": self.global_step, "iteration": self.iteration, "kl_beta": self.kl_beta,
-                    "schedule": self._schedule, "episodes": list(self.episodes),
-                },
-                "env_state": self._env_state(),
-            },
-            path,
-        )
-
-    def _env_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "next_obs": self._next_obs, "reset_pending": self._reset_pending, "fresh": self._fresh,
-            "episode_return": self._episode_return, "episode_length": self._episode_length, "sub_envs": None,
-            # envs that can describe their own state (TextRLHF-v0: episodes in flight, KL controller)
-            "vector_env": self.envs.state_dict() if hasattr(self.envs, "state_dict") else None,
-        }
-        sub_envs = getattr(self.envs, "envs", None)  # SyncVectorEnv keeps its envs in-process
-        if sub_envs is not None:
-            try:
-                state["sub_envs"] = pickle.dumps(sub_envs)
-            except Exception:  # an env that cannot be pickled restarts its episodes on load instead
-                state["sub_envs"] = None
-        return state
+        checkpoint.save_checkpoint(checkpoint.agent_state(self), path)
 
     @classmethod
     def load(
@@ -460,36 +426,8 @@ class PPO:
             env, PPOConfig.from_dict(state["config"]), logdir=logdir,
             env_kwargs=env_kwargs if isinstance(env, str) else None,
         )
-        agent.policy.load_state_dict(state["policy"])
-        agent.optimizer.load_state_dict(state["optimizer"])
-        agent.obs_normalizer.stats.load_state_dict(state["obs_normalizer"])
-        agent.reward_scaler.load_state_dict(state["reward_scaler"])
-        progress = state["progress"]
-        agent.global_step, agent.iteration = progress["global_step"], progress["iteration"]
-        agent.kl_beta, agent._schedule = progress["kl_beta"], tuple(progress["schedule"])
-        agent.episodes = [tuple(e) for e in progress["episodes"]]
-        agent._restore_env_state(state["env_state"])
-        checkpoint.restore_rng(state["rng"], agent.generator)
+        checkpoint.restore_agent(agent, state)
         return agent
-
-    def _restore_env_state(self, state: dict[str, Any]) -> None:
-        if state.get("vector_env") is not None and hasattr(self.envs, "load_state_dict"):
-            self.envs.load_state_dict(state["vector_env"])
-            self._restore_agent_side(state)
-            return
-        sub_envs = getattr(self.envs, "envs", None)
-        if state["sub_envs"] is None or sub_envs is None:
-            return  # fresh episodes from the reset in __init__
-        restored = pickle.loads(state["sub_envs"])
-        if len(restored) != len(sub_envs):
-            return
-        self.envs.envs = restored
-        self._restore_agent_side(state)
-
-    def _restore_agent_side(self, state: dict[str, Any]) -> None:
-        self._next_obs, self._reset_pending = state["next_obs"], state["reset_pending"]
-        self._fresh = bool(state.get("fresh", False))
-        self._episode_return, self._episode_length = state["episode_return"], state["episode_length"]
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write the trained language model (and its tokenizer) as a plain transformers directory."""
@@ -516,17 +454,6 @@ def _adam(params: list[torch.nn.Parameter], *, lr: float, eps: float) -> torch.o
     # watches them (TextRLHF-v0 refreshes its KV cache when the policy changes) must see every step
     optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(params))
     return optimizer
-
-
-def _is_plain_data(value: Any) -> bool:
-    """Strings, numbers, None and lists / dicts of them: what a checkpoint can hold for env_kwargs."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain_data(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain_data(v) for k, v in value.items())
-    return False
 
 
 def _explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:

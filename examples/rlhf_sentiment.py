@@ -21,6 +21,7 @@ import numpy as np
 
 import textenv  # noqa: F401  registers TextRLHF-v0
 from agents import PPO, PPOConfig
+from agents.train import parse_overrides
 
 
 def report(title: str, episodes: list[dict], shown: int = 3) -> float:
@@ -55,7 +56,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model path (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget")
     parser.add_argument("--iterations", type=int, default=100, help="at most this many PPO iterations")
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="PPOConfig fields over the TextRLHF-v0 preset, e.g. learning_rate=2e-5")
     parser.add_argument("--samples", type=int, default=64, help="completions sampled before and after training")
     parser.add_argument("--logdir", default="runs/rlhf")
     parser.add_argument("--plot", default="rlhf_sentiment.png")
@@ -65,15 +67,17 @@ def main() -> None:
     env_kwargs = {"reward": "sentiment", "temperature": 0.7, "max_new_tokens": 32, "kl_coef": 0.05}
     if args.model is not None:
         env_kwargs["model"] = args.model
-    config = PPOConfig(seed=args.seed, torch_threads=1)
-    if args.learning_rate is not None:
-        config.learning_rate = args.learning_rate
+    config = PPOConfig(**{"seed": args.seed, "torch_threads": 1, **parse_overrides(args.config)})
     agent = PPO("TextRLHF-v0", config, logdir=args.logdir, env_kwargs=env_kwargs)
     baseline = report("before training", agent.sample_episodes(args.samples))
 
     history, start = [], time.perf_counter()
-    while len(history) < args.iterations and time.perf_counter() - start < 60 * args.minutes:
-        agent.learn(1, progress=False)  # one rollout of 16 prompts, then 4 epochs of updates
+    budget = 60 * args.minutes
+    # stop before an iteration that would end past the budget (judged by the mean iteration so far)
+    while len(history) < args.iterations and (
+        not history or (time.perf_counter() - start) * (len(history) + 1) / len(history) <= budget
+    ):
+        agent.learn(1, progress=False)  # one rollout of 16 prompts, then the preset's 4 epochs of updates
         stats = agent.last_stats
         history.append(stats)
         print(f"iteration {len(history):3d}  score {stats['objective/score']:+.3f}  kl {stats['objective/kl']:5.2f} "

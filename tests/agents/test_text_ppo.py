@@ -308,3 +308,22 @@ def test_gradient_accumulation_gives_the_same_update(tiny_lm):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     for key in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl"):
         assert whole.last_stats[key] == pytest.approx(split.last_stats[key], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("disabled_autoreset", [True, False])
+def test_sample_episodes_plays_without_training(tiny_lm, disabled_autoreset):
+    if disabled_autoreset:
+        env_kwargs = dict(model=str(tiny_lm), reward="length", prompts=list(SAMPLE_PROMPTS), max_new_tokens=4)
+        agent = PPO("TextRLHF-v0", PPOConfig(num_envs=3, num_steps=4, seed=0), env_kwargs=env_kwargs)
+    else:
+        agent = PPO(_envs(str(tiny_lm), "length", num_envs=3, max_new_tokens=4), PPOConfig(num_steps=4, seed=0))
+    weights = [p.detach().clone() for p in agent.policy.parameters()]
+    episodes = agent.sample_episodes(5)
+    assert len(episodes) == 5 and agent.global_step == 0 and agent.episodes == []
+    for e in episodes:
+        assert {"prompt", "completion", "score", "return", "length"} <= e.keys()
+        assert e["prompt"] in SAMPLE_PROMPTS and 1 <= e["length"] <= 4
+        assert e["return"] == pytest.approx(e["score"], abs=1e-6)  # the KL term is 0 before training
+    assert all(torch.equal(a, b) for a, b in zip(weights, agent.policy.parameters(), strict=True))
+    agent.learn(1, progress=False)  # training goes on from fresh episodes
+    assert agent.global_step > 0
