@@ -6,6 +6,7 @@ Run it from the repository root (TRL is needed only here: ``pip install -e .[ben
     python benchmarks/text_ppo.py --models tiny --batches 16 --agents ours generate
     python benchmarks/text_ppo.py --models smollm2 --batches 16 --iterations 2
     python benchmarks/text_ppo.py --models smollm2 --agents ours --profile   # + cProfile of ours
+    python benchmarks/text_ppo.py --agents ours ours-bf16ref trl                # skip plain generate
 
 Models (offline): SmolLM2-135M-Instruct from ``textenv.embedded_model_dir()``, and a tiny GPT-2
 built from a config (2 layers, 4 heads, width 128, SmolLM2's 49,152-token tokenizer and chat
@@ -23,7 +24,8 @@ iteration and then ``--iterations`` measured ones; the table reports medians. Wh
   (``eos_token_id=[]``), so a rollout always produces ``B * 32`` tokens. One iteration =
   ``collect_rollout()`` under ``torch.inference_mode()`` (the rollout) + advantages + ``update()``
   (the optimisation). The warm-up matters: until the first update the env skips the reference
-  forward (KL exactly 0).
+  forward (KL exactly 0). ``ours-bf16ref`` is the same with the env's ``ref_dtype="bfloat16"``
+  (the frozen reference stored and run in bfloat16; the policy stays float32).
 * TRL: ``trl.experimental.ppo.PPOTrainer`` with the settings of the reference figures
   (``/work/shared/PEERS.md``): batch B, ``num_mini_batches = B / 8``, 4 PPO epochs, 32 response
   tokens, no EOS stop, fp32 on CPU, lr 3e-6, kl_coef 0.05, clip 0.2 / 0.2, vf_coef 0.1, gamma 1,
