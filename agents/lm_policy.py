@@ -68,6 +68,7 @@ class LMActorCritic(nn.Module):
         self.model.eval()  # dropout off: PPO ratios must compare the same function (TRL does the same)
         # the distribution the env samples from and scores the KL with: the same in the PPO ratio
         self.sampling = (float(envs.temperature), int(getattr(envs, "top_k", 0)), float(getattr(envs, "top_p", 1.0)))
+        self.truncated = self.sampling[1] > 0 or self.sampling[2] < 1.0
         self.entropy_bonus = config.ent_coef > 0
         hidden = int(self.model.config.hidden_size)
         self.critic_trunk: nn.Module | None = None
@@ -177,8 +178,10 @@ class LMActorCritic(nn.Module):
         log_probs, values = self._heads(seq_ids[:, first:], seq_mask[:, first:], rows, (last - first).clamp(min=0))
         # without an entropy bonus the entropy is only logged: no graph over [tokens, vocab] for it
         with torch.set_grad_enabled(self.entropy_bonus and torch.is_grad_enabled()):
-            # tokens a top-k / top-p policy cannot sample (log-prob -inf) contribute 0, not nan
-            entropy = -torch.where(log_probs.isfinite(), log_probs.exp() * log_probs, 0.0).sum(-1)
+            finite = log_probs
+            if self.truncated:  # tokens a top-k / top-p policy cannot sample add 0, not 0 * -inf (nan)
+                finite = torch.where(log_probs.isfinite(), log_probs, 0.0)
+            entropy = -(log_probs.exp() * finite).sum(-1)
         return log_probs.gather(-1, actions[:, None].long()).squeeze(-1), entropy, values
 
     def to_env_action(self, actions: torch.Tensor) -> np.ndarray:

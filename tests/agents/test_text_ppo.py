@@ -327,3 +327,11 @@ def test_sample_episodes_plays_without_training(tiny_lm, disabled_autoreset):
     assert all(torch.equal(a, b) for a, b in zip(weights, agent.policy.parameters(), strict=True))
     agent.learn(1, progress=False)  # training goes on from fresh episodes
     assert agent.global_step > 0
+
+
+def test_entropy_bonus_with_top_k_keeps_gradients_finite(tiny_lm):
+    envs = _envs(str(tiny_lm), "length", max_new_tokens=4, top_k=5)
+    agent = PPO(envs, PPOConfig(num_steps=4, num_minibatches=1, seed=0, ent_coef=0.01, learning_rate=1e-3))
+    agent.learn(1, progress=False)
+    assert np.isfinite(agent.last_stats["losses/entropy"]) and agent.last_stats["losses/entropy"] > 0
+    assert all(torch.isfinite(p).all() for p in agent.policy.parameters())
