@@ -45,6 +45,11 @@ class PPO:
         logdir: str | os.PathLike[str] | None = None,
         env_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        keywords = isinstance(env_kwargs, dict) and all(isinstance(key, str) for key in env_kwargs)
+        if env_kwargs is not None and not keywords:
+            raise ValueError(
+                f"env_kwargs={env_kwargs!r} must be a dict of keyword arguments for the env, e.g. {{'top_p': 0.9}}"
+            )
         self.env_id = env_id_of(env)
         self.env_kwargs = dict(env_kwargs or {})
         self._built_from_id = isinstance(env, str)
@@ -157,9 +162,7 @@ class PPO:
         buf, cfg = self.buffer, self.config
         waiting = np.zeros(self.num_envs, dtype=bool)  # whole episodes: envs already done this rollout
         if cfg.whole_episodes and not self._fresh:
-            self._next_obs, _ = self.envs.reset()
-            self._reset_pending[:] = False
-            self._episode_return[:], self._episode_length[:] = 0.0, 0
+            self._start_fresh_episodes()
         self._fresh = False
         for step in range(cfg.num_steps):
             obs = self._obs_tensor(self._next_obs, update=True)
@@ -192,6 +195,16 @@ class PPO:
                     return torch.zeros(self.num_envs)  # every episode ended: nothing to bootstrap
         return self.policy.value(self._obs_tensor(self._next_obs))
 
+    def _start_fresh_episodes(self) -> None:
+        """Reset every env (no seed: their generators carry on) and forget the episodes in flight."""
+        self._next_obs, _ = self.envs.reset()
+        self._reset_pending[:] = False
+        self._episode_return[:], self._episode_length[:] = 0.0, 0
+
+    def _episode_end_info(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Where a step's info keeps what the envs reported at an episode end (same-step autoreset: nested)."""
+        return info.get("final_info", {}) if self.autoreset_mode == AutoresetMode.SAME_STEP else info
+
     def _obs_tensor(self, obs: Any, *, update: bool = False) -> torch.Tensor:
         """Raw env observations -> the tensor the policy and buffer take."""
         preprocess = getattr(self.policy, "preprocess", None)
@@ -214,7 +227,7 @@ class PPO:
     def _track_episode_info(self, info: dict[str, Any], done: np.ndarray) -> None:
         if not done.any():
             return
-        final_info = info.get("final_info") if self.autoreset_mode == AutoresetMode.SAME_STEP else info
+        final_info = self._episode_end_info(info)
         for tag, values in episode_info_metrics(final_info, done).items():
             self._episode_metrics.setdefault(tag, []).extend(values)
         self._samples = (self._samples + episode_samples(final_info, done))[-4:]
@@ -364,14 +377,12 @@ class PPO:
                     returns += np.where(running, reward, 0.0)
                     lengths += running
                     done = (terminated | truncated) & running
-                    final = info.get("final_info", {}) if self.autoreset_mode == AutoresetMode.SAME_STEP else info
+                    final = self._episode_end_info(info)
                     for i in np.flatnonzero(done):
                         reported = {k: v[i] for k, v in final.items() if k[0] != "_" and final.get(f"_{k}", done)[i]}
                         found.append({"return": float(returns[i]), "length": int(lengths[i])} | reported)
                     running &= ~done
-        self._next_obs, _ = self.envs.reset()
-        self._reset_pending[:] = False
-        self._episode_return[:], self._episode_length[:] = 0.0, 0
+        self._start_fresh_episodes()
         self._fresh = True
         return found[:n_episodes]
 

@@ -63,3 +63,12 @@ def test_examples_run(tmp_path, script, args):
     )
     assert result.returncode == 0, result.stderr
     assert "evaluation:" in result.stdout and "reloaded from" in result.stdout
+
+
+def test_env_kwargs_must_be_keyword_arguments():
+    import pytest
+
+    from agents import PPO
+
+    with pytest.raises(ValueError, match=r"env_kwargs=\['max_new_tokens', 32\] must be a dict"):
+        PPO("CartPole-v1", env_kwargs=["max_new_tokens", 32])
