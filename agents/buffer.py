@@ -138,7 +138,7 @@ class RolloutBuffer:
     def minibatches(
         self, num_minibatches: int, generator: torch.Generator, *, by_episode: bool = False
     ) -> Iterator[Minibatch]:
-        """Yield ``num_minibatches`` disjoint random slices of the flattened rollout.
+        """Yield ``num_minibatches`` disjoint random slices that together cover the flattened rollout.
 
         ``by_episode`` keeps each episode's transitions together (shuffling whole episodes), so a
         sequence model can re-score an episode in one forward pass.
@@ -160,10 +160,12 @@ class RolloutBuffer:
                 if len(index):
                     yield self._slice(index, episode_ids)
             return
+        # every transition once per epoch: sizes differ by at most one when n does not divide
+        # (CleanRL's fixed-size slices would silently drop the last n % num_minibatches each epoch)
         order = torch.randperm(n, generator=generator)
-        size = n // num_minibatches
-        for start in range(0, size * num_minibatches, size):
-            yield self._slice(order[start : start + size], episode_ids)
+        for index in torch.tensor_split(order, num_minibatches):
+            if len(index):
+                yield self._slice(index, episode_ids)
 
     def _slice(self, index: torch.Tensor, episode_ids: torch.Tensor) -> Minibatch:
         n = self.num_steps * self.num_envs

@@ -5,9 +5,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any
+
+import numpy as np
+
+from agents.aliases import suggest_field
 
 ADVANTAGE_ESTIMATORS = ("gae", "mc")
 POLICY_LOSSES = ("clip", "kl_penalty")
@@ -44,7 +50,8 @@ class PPOConfig:
     update_epochs: int = 10
     """Passes (K epochs) over the rollout per update."""
     num_minibatches: int = 4
-    """Shuffled minibatches per epoch; minibatch size is ``batch_size // num_minibatches``."""
+    """Shuffled minibatches per epoch. Every transition is used once per epoch: when the rollout does not
+    divide evenly, minibatches differ in size by one (``batch_size // num_minibatches`` or one more)."""
     gradient_accumulation_steps: int = 1
     """Split each minibatch into this many chunks (whole episodes for language models), run the
     forward and backward pass per chunk and take one optimizer step: the same update with a fraction
@@ -111,16 +118,27 @@ class PPOConfig:
     """Seeds torch, numpy, the envs and the action sampling: the same seed gives the same run."""
     torch_threads: int | None = None
     """``torch.set_num_threads`` for this process; ``None`` leaves torch's choice."""
+    max_nonfinite_steps: int = 0
+    """Minibatch steps in a row whose loss or gradient norm is NaN / inf that may be skipped (no optimizer
+    step, gradients zeroed, counted in ``losses/skipped_steps``) before training stops with
+    ``NonFiniteError``; 0 stops at the first one."""
 
     _explicit: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
+        for f in fields(self):
+            if f.init:
+                object.__setattr__(self, f.name, _normalise(f.name, getattr(self, f.name)))
         self.validate()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # remember what the user set after construction too, so presets never overwrite it
         if name != "_explicit" and "_explicit" in self.__dict__:
+            # after construction: an unknown name would silently become a new attribute, a bad value
+            # would only fail later, far from the line that set it
+            check_field_name(name)
+            value = _normalise(name, value)
+            check_field(name, value)
+            # remember what the user set after construction too, so presets never overwrite it
             object.__setattr__(self, "_explicit", self._explicit | {name})
         object.__setattr__(self, name, value)
 
@@ -131,47 +149,38 @@ class PPOConfig:
 
     @property
     def minibatch_size(self) -> int:
-        """Transitions per gradient step."""
+        """Transitions in the smallest minibatch (the others hold one more when the rollout does not divide)."""
         return self.batch_size // self.num_minibatches
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field whose value cannot work, and how to fix it."""
-        for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches", "ptx_batch_size",
-                     "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PPOConfig.{name}={value!r} must be a positive integer")
+        """Raise ValueError naming the first field whose value cannot work, the rule, and an example.
+
+        Every field is type- and range-checked here (see ``FIELD_RULES``), then the combinations.
+        """
+        for name in field_names():
+            check_field(name, getattr(self, name))
         if self.num_minibatches > self.batch_size:
             raise ValueError(
                 f"PPOConfig.num_minibatches={self.num_minibatches} is larger than the rollout "
                 f"(num_envs * num_steps = {self.batch_size}); lower num_minibatches or raise num_steps"
             )
-        positive = ("learning_rate", "clip_coef", "max_grad_norm", "adam_eps", "kl_beta", "kl_target")
-        for name in positive + ("clip_obs", "clip_reward"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PPOConfig.{name}={getattr(self, name)!r} must be > 0")
-        for name in ("gamma", "gae_lambda"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"PPOConfig.{name}={getattr(self, name)!r} must lie in [0, 1]")
+        if self.norm_adv and self.minibatch_size == 1:
+            # a one-sample minibatch normalises its advantage to exactly 0: the actor would never move
+            raise ValueError(
+                f"PPOConfig.num_minibatches={self.num_minibatches} with norm_adv=True gives minibatches of one "
+                f"transition (num_envs * num_steps = {self.batch_size}), whose normalised advantage is always 0; "
+                "lower num_minibatches, raise num_steps, or set norm_adv=False"
+            )
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ValueError(
                 f"PPOConfig.ptx_coef={self.ptx_coef!r} needs ptx_data: "
                 "a .txt path (one text per line) or a list of texts"
             )
-        for name in ("ent_coef", "vf_coef", "ptx_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"PPOConfig.{name}={getattr(self, name)!r} must be >= 0")
-        if self.target_kl is not None and not self.target_kl > 0:
-            raise ValueError(f"PPOConfig.target_kl={self.target_kl!r} must be > 0 or None")
-        if self.vf_clip_coef is not None and not self.vf_clip_coef > 0:
-            raise ValueError(f"PPOConfig.vf_clip_coef={self.vf_clip_coef!r} must be > 0 or None")
-        if not self.hidden_sizes or any(int(h) < 1 for h in self.hidden_sizes):
-            raise ValueError(f"PPOConfig.hidden_sizes={self.hidden_sizes!r} needs at least one width >= 1")
-        _check_choice("advantage", self.advantage, ADVANTAGE_ESTIMATORS)
-        _check_choice("policy_loss", self.policy_loss, POLICY_LOSSES)
-        _check_choice("vectorization", self.vectorization, VECTORIZATION_MODES)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("critic", self.critic, CRITICS)
+        if self.critic_model is not None and self.critic != "separate":
+            raise ValueError(
+                f"PPOConfig.critic_model={self.critic_model!r} is only used with critic='separate' "
+                f"(critic={self.critic!r}); set critic='separate' or leave critic_model=None"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain fields as a JSON-ready dict (what checkpoints and the CLI print)."""
@@ -182,14 +191,117 @@ class PPOConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PPOConfig:
         """Build a config from a dict, rejecting unknown keys with the closest valid name."""
+        if not isinstance(data, dict):
+            raise ValueError(f"PPOConfig.from_dict({data!r}) needs a dict of fields, e.g. {{'learning_rate': 3e-4}}")
         for key in data:
             check_field_name(key)
         return cls(**data)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"PPOConfig.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+# ---------------------------------------------------------------------- field rules
+# kind -> (the rule as the error states it, the test); a value of the wrong type fails the test too
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_widths(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) > 0 and all(_is_int(w) and w >= 1 for w in value)
+
+
+def _is_texts(value: Any) -> bool:
+    if value is None or (isinstance(value, (str, os.PathLike)) and os.fspath(value)):
+        return True
+    return isinstance(value, list) and all(isinstance(text, str) for text in value)
+
+
+_KINDS: dict[str, tuple[str, Any]] = {
+    "positive_int": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "count": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "seed": ("an integer in [0, 2**32)", lambda v: _is_int(v) and 0 <= v < 2**32),
+    "positive_int_or_none": ("a positive integer or None", lambda v: v is None or (_is_int(v) and v >= 1)),
+    "positive": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
+    "non_negative": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0),
+    "unit": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+    "finite": ("a finite number", _is_number),
+    "positive_or_none": ("a finite number > 0, or None", lambda v: v is None or (_is_number(v) and v > 0)),
+    "bool": ("True or False", lambda v: isinstance(v, bool)),
+    "widths": ("a non-empty tuple of positive layer widths", _is_widths),
+    "path_or_none": ("a model path (str) or None", lambda v: v is None or isinstance(v, (str, os.PathLike))),
+    "texts": ("a .txt path, a list of texts, or None", _is_texts),
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "advantage": ADVANTAGE_ESTIMATORS,
+    "policy_loss": POLICY_LOSSES,
+    "vectorization": VECTORIZATION_MODES,
+    "activation": ACTIVATIONS,
+    "critic": CRITICS,
+}
+
+# field -> (kind, an example value for the message); choices are checked against CHOICES
+FIELD_RULES: dict[str, tuple[str, Any]] = {
+    "num_envs": ("positive_int", 8), "num_steps": ("positive_int", 128), "whole_episodes": ("bool", True),
+    "learning_rate": ("positive", 3e-4), "anneal_lr": ("bool", True), "gamma": ("unit", 0.99),
+    "gae_lambda": ("unit", 0.95), "update_epochs": ("positive_int", 10), "num_minibatches": ("positive_int", 4),
+    "gradient_accumulation_steps": ("positive_int", 4), "clip_coef": ("positive", 0.2),
+    "clip_vloss": ("bool", True), "vf_clip_coef": ("positive_or_none", 0.2), "ent_coef": ("non_negative", 0.01),
+    "vf_coef": ("non_negative", 0.5), "max_grad_norm": ("positive", 0.5), "target_kl": ("positive_or_none", 0.02),
+    "norm_adv": ("bool", True), "advantage": ("choice", "gae"), "policy_loss": ("choice", "clip"),
+    "kl_beta": ("positive", 1.0), "kl_target": ("positive", 0.01), "norm_obs": ("bool", True),
+    "norm_reward": ("bool", True), "clip_obs": ("positive", 10.0), "clip_reward": ("positive", 10.0),
+    "hidden_sizes": ("widths", (64, 64)), "activation": ("choice", "tanh"), "shared_trunk": ("bool", True),
+    "critic": ("choice", "shared"), "critic_model": ("path_or_none", "path/to/reward_model"),
+    "ptx_coef": ("non_negative", 0.1), "ptx_data": ("texts", "pretrain.txt"), "ptx_batch_size": ("positive_int", 4),
+    "log_std_init": ("finite", -0.5), "adam_eps": ("positive", 1e-5), "vectorization": ("choice", "sync"),
+    "seed": ("seed", 0), "torch_threads": ("positive_int_or_none", 4), "max_nonfinite_steps": ("count", 3),
+}
+
+
+def _normalise(name: str, value: Any) -> Any:
+    """numpy scalars -> Python ones and a list of widths -> a tuple; anything else is left for the checks."""
+    if isinstance(value, np.generic) and not isinstance(value, np.str_):
+        value = value.item()
+    if name == "hidden_sizes" and isinstance(value, (list, tuple)):
+        value = tuple(w.item() if isinstance(w, np.integer) else w for w in value)
+    return value
+
+
+def check_field(name: str, value: Any) -> None:
+    """Raise ValueError if ``value`` breaks the type / range rule of field ``name``."""
+    kind, example = FIELD_RULES[name]
+    if kind == "choice":
+        _check_choice(name, value, CHOICES[name])
+        return
+    rule, test = _KINDS[kind]
+    if not test(value):
+        wrong_type = _wrong_type(kind, value)
+        raise ValueError(f"PPOConfig.{name}={value!r} must be {rule}{wrong_type}; e.g. {name}={example!r}")
+
+
+def _wrong_type(kind: str, value: Any) -> str:
+    """``", not a str"`` when the type (rather than the size) is what is wrong."""
+    numeric = kind not in ("bool", "widths", "path_or_none", "texts")
+    integral = kind in ("positive_int", "count", "seed", "positive_int_or_none")
+    if value is None or (numeric and _is_int(value)) or (numeric and not integral and isinstance(value, float)):
+        return ""
+    if kind == "bool" and isinstance(value, bool):
+        return ""
+    if kind == "widths" and isinstance(value, tuple):
+        return ""
+    name = type(value).__name__
+    return f", not {'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value in choices and isinstance(value, str):
+        return
+    close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
+    hint = f"; did you mean {close[0]!r}?" if close else f"; e.g. {name}={choices[0]!r}"
+    raise ValueError(f"PPOConfig.{name}={value!r} is not one of {', '.join(map(repr, choices))}{hint}")
 
 
 def field_names() -> list[str]:
@@ -197,13 +309,15 @@ def field_names() -> list[str]:
     return [f.name for f in fields(PPOConfig) if f.init]
 
 
-def check_field_name(key: str) -> None:
-    """Raise ValueError for an unknown config key, suggesting the closest known one."""
+def check_field_name(key: Any) -> None:
+    """Raise ValueError for an unknown config key, suggesting our name for it (aliases, then difflib)."""
     names = field_names()
-    if key not in names:
-        close = difflib.get_close_matches(key, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
-        raise ValueError(f"unknown PPOConfig key {key!r}{hint}")
+    if key in names:
+        return
+    if not isinstance(key, str):
+        raise ValueError(f"PPOConfig key {key!r} must be a str naming a field, e.g. 'learning_rate'")
+    plain = key.strip().lower().replace("-", "_")
+    raise ValueError(f"unknown PPOConfig key {key!r}; {suggest_field(plain, names)}")
 
 
 def explicit_fields(config: PPOConfig) -> frozenset[str]:
@@ -216,6 +330,8 @@ def _record_explicit_init(cls: type[PPOConfig]) -> None:
     names = field_names()
 
     def __init__(self: PPOConfig, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:  # before the dataclass's own TypeError, which suggests nothing
+            check_field_name(key)
         generated_init(self, *args, **kwargs)
         object.__setattr__(self, "_explicit", frozenset(names[: len(args)]) | frozenset(kwargs))
 
@@ -243,11 +359,21 @@ def load_preset(env_id: str) -> dict[str, Any] | None:
     return data
 
 
-def resolve_config(env_id: str | None, config: PPOConfig | None) -> PPOConfig:
-    """Preset for ``env_id`` (if any), overridden by the fields set explicitly in ``config``."""
+def resolve_config(env_id: str | None, config: PPOConfig | dict[str, Any] | None) -> PPOConfig:
+    """Preset for ``env_id`` (if any), overridden by the fields set explicitly in ``config``.
+
+    Always a new object, validated as a whole: the user's config is never written to.
+    """
+    if isinstance(config, dict):
+        config = PPOConfig.from_dict(config)
+    if config is not None and not isinstance(config, PPOConfig):
+        raise ValueError(
+            f"config={config!r} must be a PPOConfig (or a dict of its fields), e.g. PPOConfig(learning_rate=3e-4)"
+        )
     preset = load_preset(env_id) if env_id else None
     if preset is None:
-        return config if config is not None else PPOConfig()
+        # fields assigned one by one were checked alone; their combination is checked here
+        return replace(config) if config is not None else PPOConfig()
     merged = dict(preset["config"])
     if config is not None:
         merged.update({name: getattr(config, name) for name in explicit_fields(config)})

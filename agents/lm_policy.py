@@ -20,7 +20,8 @@ from gymnasium import spaces
 from torch import nn
 
 from agents.config import PPOConfig
-from textenv.kl import token_logprobs
+from textenv.compat import cache_kwargs
+from textenv.lm_head import LogitHead
 from textenv.prefix import prefix_cache, split_shared_prefix
 
 
@@ -70,6 +71,8 @@ class LMActorCritic(nn.Module):
         self.sampling = (float(envs.temperature), int(getattr(envs, "top_k", 0)), float(getattr(envs, "top_p", 1.0)))
         self.truncated = self.sampling[1] > 0 or self.sampling[2] < 1.0
         self.entropy_bonus = config.ent_coef > 0
+        # the env samples and scores its KL with this very head: the PPO ratio compares one distribution
+        self.head = LogitHead.of(self.model)
         hidden = int(self.model.config.hidden_size)
         self.critic_trunk: nn.Module | None = None
         if config.critic == "separate":
@@ -115,7 +118,7 @@ class LMActorCritic(nn.Module):
         full_mask = shared.mask
         out = trunk(
             input_ids=shared.rest_ids, attention_mask=full_mask, position_ids=_positions(full_mask)[:, shared.length :],
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **cache_kwargs(trunk, cache),
         )
         return out.last_hidden_state[rows, cols - shared.length]
 
@@ -123,8 +126,8 @@ class LMActorCritic(nn.Module):
         self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs ``[B, V]`` at temperature and values ``[B]`` at positions ``(rows, cols)``."""
-        hidden = self._hidden_at(self.model.base_model, ids, mask, rows, cols)
-        log_probs = token_logprobs(self.model.get_output_embeddings()(hidden), *self.sampling)
+        hidden = self._hidden_at(self.head.trunk, ids, mask, rows, cols)
+        log_probs = self.head.logprobs(hidden, *self.sampling)
         if self.critic_trunk is None:
             value_hidden = hidden
         else:

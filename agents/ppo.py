@@ -19,7 +19,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from agents import checkpoint
 from agents.buffer import Minibatch, RolloutBuffer
 from agents.config import PPOConfig, replace, resolve_config
-from agents.envs import autoreset_mode, env_id_of, make_vector_env
+from agents.envs import autoreset_mode, env_id_of, make_vector_env, single_env_copy, token_eval_env
+from agents.errors import NonFiniteError, all_finite, first_nonfinite, nonfinite_tensor
 from agents.logger import Logger, episode_info_metrics, episode_samples
 from agents.losses import clipped_surrogate, kl_penalty_surrogate, masked_mean, value_loss
 from agents.normalize import ObservationNormalizer, RewardScaler
@@ -53,6 +54,7 @@ class PPO:
         self.env_id = env_id_of(env)
         self.env_kwargs = dict(env_kwargs or {})
         self._built_from_id = isinstance(env, str)
+        self._source_env = env if isinstance(env, gym.Env) else None  # what evaluate() copies
         self.config = resolve_config(self.env_id, config)
         cfg = self.config
         if cfg.torch_threads is not None:
@@ -68,7 +70,8 @@ class PPO:
         obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
         self.policy = make_policy_for_env(self.envs, cfg)
         self._sequence_policy = getattr(self.policy, "sequence_model", False)
-        self.optimizer = _adam(list(self.policy.parameters()), lr=cfg.learning_rate, eps=cfg.adam_eps)
+        self._parameters = list(self.policy.parameters())
+        self.optimizer = _adam(self._parameters, lr=cfg.learning_rate, eps=cfg.adam_eps)
         if cfg.norm_obs and not isinstance(obs_space, gym.spaces.Box):
             raise ValueError(f"norm_obs=True needs a Box observation space, not {obs_space}; set norm_obs=False")
         self.obs_normalizer = ObservationNormalizer(
@@ -96,7 +99,9 @@ class PPO:
         self._samples: list[str] = []
         self.last_stats: dict[str, float] = {}
         """What the last iteration logged (losses, SPS, and objective/* for text envs)."""
+        self._nonfinite_streak = 0  # minibatch steps skipped in a row (PPOConfig.max_nonfinite_steps)
         self._next_obs, _ = self.envs.reset(seed=cfg.seed)
+        self._check_obs(self._next_obs, source="reset()")
         self._fresh = True  # every env at the start of an episode (whole-episode rollouts skip a reset)
         self._reset_pending = np.zeros(self.num_envs, dtype=bool)
         self._episode_return = np.zeros(self.num_envs)
@@ -111,8 +116,9 @@ class PPO:
         Calling it again continues the same run. ``callback(agent)`` runs after every update;
         returning ``False`` stops training early.
         """
-        if not isinstance(total_timesteps, (int, np.integer)) or total_timesteps < 1:
-            raise ValueError(f"total_timesteps={total_timesteps!r} must be a positive integer")
+        _check_count("total_timesteps", total_timesteps, example="100_000")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback={callback!r} must be callable as callback(agent) -> bool | None")
         cfg = self.config
         end = self.global_step + int(total_timesteps)
         if self._schedule[1] != end:  # a new schedule, unless a resumed run asks for the same end
@@ -168,12 +174,15 @@ class PPO:
             obs = self._obs_tensor(self._next_obs, update=True)
             action, logprob, value = self.policy.act(obs, generator=self.generator)
             next_obs, reward, terminated, truncated, info = self.envs.step(self.policy.to_env_action(action))
+            # a NaN is caught where it enters, before the normaliser statistics or the buffer hold it
+            reward = self._check_rewards(reward, step=step)
+            self._check_obs(next_obs, source="step()", step=step)
             valid = ~self._reset_pending & ~waiting  # next-step autoreset: this step only reset those envs
             done = (terminated | truncated) & valid
-            self._track_episodes(np.asarray(reward, dtype=np.float64), done, valid)
+            self._track_episodes(reward, done, valid)
             self._track_episode_info(info, done)
             buf.obs[step], buf.actions[step], buf.logprobs[step], buf.values[step] = obs, action, logprob, value
-            buf.rewards[step] = torch.as_tensor(self.reward_scaler(np.asarray(reward, np.float64), done))
+            buf.rewards[step] = torch.as_tensor(self.reward_scaler(reward, done))
             buf.terminated[step] = torch.as_tensor(terminated & valid, dtype=torch.float32)
             buf.episode_end[step] = torch.as_tensor(done, dtype=torch.float32)
             buf.mask[step] = torch.as_tensor(valid, dtype=torch.float32)
@@ -181,7 +190,10 @@ class PPO:
             cut = truncated & ~terminated & valid
             if self.autoreset_mode == AutoresetMode.SAME_STEP and cut.any():
                 # the time limit is not a real end: bootstrap from the value of the state reached
-                final = self._obs_tensor(np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)]))
+                ended = np.flatnonzero(cut)
+                for i in ended:
+                    self._check_obs(info["final_obs"][i][None], source="step() (final_obs)", step=step, env=int(i))
+                final = self._obs_tensor(np.stack([info["final_obs"][i] for i in ended]))
                 buf.final_values[step, torch.as_tensor(cut)] = self.policy.value(final)
                 buf.has_final_value[step] = torch.as_tensor(cut)
             if self.autoreset_mode == AutoresetMode.NEXT_STEP:
@@ -195,9 +207,51 @@ class PPO:
                     return torch.zeros(self.num_envs)  # every episode ended: nothing to bootstrap
         return self.policy.value(self._obs_tensor(self._next_obs))
 
+    def _check_rewards(self, reward: Any, *, step: int) -> np.ndarray:
+        """The step's rewards as float64, or an error naming the env, the global step and the value."""
+        try:
+            rewards = np.asarray(reward, dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the vector env returned rewards {reward!r} that are not numbers ({error})") from error
+        if rewards.shape != (self.num_envs,):
+            raise ValueError(
+                f"the vector env returned rewards of shape {rewards.shape}; expected ({self.num_envs},), one per env"
+            )
+        found = first_nonfinite(rewards)
+        if found is not None:
+            (env,), value = found
+            raise NonFiniteError(
+                f"env {env} returned reward {value!r} at global step {self.global_step} (iteration "
+                f"{self.iteration + 1}, rollout step {step}); rewards must be finite numbers within float32's range: "
+                "fix the env's reward, or clip it (gymnasium.wrappers.ClipReward)"
+            )
+        return rewards
+
+    def _check_obs(self, obs: Any, *, source: str, step: int | None = None, env: int | None = None) -> None:
+        """NonFiniteError naming the env, the global step and the entry when a float observation is NaN / inf.
+
+        ``obs`` is batched over envs (``env`` names the one env of a batch of one); integer
+        observations (token ids) are skipped at no cost.
+        """
+        arrays = obs.items() if isinstance(obs, dict) else [(None, obs)]
+        for key, array in arrays:
+            found = first_nonfinite(array)
+            if found is None:
+                continue
+            index, value = found
+            where = f"[{key!r}]" if key is not None else ""
+            entry = ", ".join(map(str, index[1:]))
+            during = f"rollout step {step} of iteration {self.iteration + 1}" if step is not None else "the reset"
+            raise NonFiniteError(
+                f"env {index[0] if env is None else env} returned a non-finite observation from {source} at global "
+                f"step {self.global_step} ({during}): obs{where}[{entry}] = {value!r}; observations must be finite "
+                "numbers within float32's range: fix the env, or wrap it (gymnasium.wrappers.TransformObservation)"
+            )
+
     def _start_fresh_episodes(self) -> None:
         """Reset every env (no seed: their generators carry on) and forget the episodes in flight."""
         self._next_obs, _ = self.envs.reset()
+        self._check_obs(self._next_obs, source="reset()")
         self._reset_pending[:] = False
         self._episode_return[:], self._episode_length[:] = 0.0, 0
 
@@ -246,18 +300,25 @@ class PPO:
         """K epochs of minibatch gradient steps on the rollout; returns the losses to log."""
         cfg = self.config
         totals: dict[str, list[float]] = {}
-        for _epoch in range(cfg.update_epochs):
+        skipped = 0
+        for epoch in range(cfg.update_epochs):
             epoch_kl = []
             batches = self.buffer.minibatches(cfg.num_minibatches, self.generator, by_episode=self._sequence_policy)
-            for batch in batches:
-                losses = self._minibatch_step(batch)
+            for number, batch in enumerate(batches, start=1):
+                where = (f"iteration {self.iteration + 1}, epoch {epoch + 1} of {cfg.update_epochs}, "
+                         f"minibatch {number} of {cfg.num_minibatches}")
+                losses = self._minibatch_step(batch, where=where)
+                if losses is None:  # non-finite, skipped (PPOConfig.max_nonfinite_steps)
+                    skipped += 1
+                    continue
                 epoch_kl.append(losses["losses/approx_kl"])
                 for key, value in losses.items():
                     totals.setdefault(key, []).append(value)
-            if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
+            if cfg.target_kl is not None and epoch_kl and float(np.mean(epoch_kl)) > cfg.target_kl:
                 break
         stats = {key: float(np.mean(values)) for key, values in totals.items()}
-        if cfg.policy_loss == "kl_penalty":
+        stats["losses/skipped_steps"] = float(skipped)
+        if cfg.policy_loss == "kl_penalty" and "losses/approx_kl" in stats:
             self._adapt_kl_beta(stats["losses/approx_kl"])
             stats["losses/kl_beta"] = self.kl_beta
         real = self.buffer.mask.flatten() > 0
@@ -265,11 +326,13 @@ class PPO:
         stats["losses/explained_variance"] = _explained_variance(values, returns)
         return stats
 
-    def _minibatch_step(self, batch: Minibatch) -> dict[str, float]:
+    def _minibatch_step(self, batch: Minibatch, *, where: str = "a minibatch step") -> dict[str, float] | None:
         """One optimizer step on ``batch``, its gradient summed over ``gradient_accumulation_steps`` chunks.
 
         Every loss term is a mean over the batch's unmasked steps, so each chunk's terms are weighted
-        by its share of those steps: the step is the same as one pass over the whole batch.
+        by its share of those steps: the step is the same as one pass over the whole batch. A NaN / inf
+        loss or gradient norm never reaches the weights: the step is skipped (returns None) or raises
+        NonFiniteError naming ``where``, as ``PPOConfig.max_nonfinite_steps`` says.
         """
         cfg = self.config
         advantages = batch.advantages
@@ -280,20 +343,60 @@ class PPO:
         total = batch.mask.sum().clamp(min=1.0)
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
+        total_loss = 0.0
         for index in batch.chunks(cfg.gradient_accumulation_steps, by_episode=self._sequence_policy):
             chunk = batch.subset(index)
             weight = chunk.mask.sum() / total
             loss, chunk_stats = self._chunk_loss(chunk, advantages[index])
             (weight * loss).backward()
+            total_loss += float(weight) * loss.item()
             for key, value in chunk_stats.items():
                 stats[key] = stats.get(key, 0.0) + float(weight) * value
         if cfg.ptx_coef > 0:
             ptx_loss = self.policy.pretraining_loss(self.generator)
             (cfg.ptx_coef * ptx_loss).backward()
             stats["losses/ptx_loss"] = ptx_loss.item()
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm, foreach=True)
+            total_loss += cfg.ptx_coef * stats["losses/ptx_loss"]
+        # the norm before clipping: NaN or inf if any gradient is (clipping would spread it to all)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm, foreach=True))
+        if not (np.isfinite(total_loss) and np.isfinite(grad_norm)):
+            self._skip_or_raise(total_loss, grad_norm, where)
+            return None
         self.optimizer.step()
+        self._nonfinite_streak = 0
+        self._check_weights(where)
         return stats
+
+    def _skip_or_raise(self, loss: float, grad_norm: float, where: str) -> None:
+        """Drop a non-finite step's gradients; raise once more than ``max_nonfinite_steps`` came in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_streak += 1
+        limit = self.config.max_nonfinite_steps
+        if self._nonfinite_streak <= limit:
+            return
+        quantity = f"the loss is {loss!r}" if not np.isfinite(loss) else (
+            f"the gradient norm is {grad_norm!r} (the loss, {loss:.6g}, is finite)")
+        streak = (f"{self._nonfinite_streak} such steps in a row, more than PPOConfig.max_nonfinite_steps={limit}"
+                  if limit else "set PPOConfig.max_nonfinite_steps=N to skip up to N such steps in a row instead")
+        raise NonFiniteError(
+            f"{quantity} at {where} (global step {self.global_step}); the weights were not changed. Likely causes: "
+            f"learning_rate={self.config.learning_rate!r} too large, or rewards / observations of extreme size "
+            f"(try norm_reward=True, norm_obs=True, a smaller max_grad_norm); {streak}"
+        )
+
+    def _check_weights(self, where: str) -> None:
+        # a finite gradient times a huge learning rate can still overflow float32 weights
+        if all_finite(self._parameters):
+            return
+        found = nonfinite_tensor(self.policy.named_parameters())
+        if found is not None:
+            name, bad, numel = found
+            raise NonFiniteError(
+                f"parameter {name!r} holds {bad} non-finite values (of {numel}) after the optimizer step at {where} "
+                f"(global step {self.global_step}): the update overflowed. learning_rate="
+                f"{self.config.learning_rate!r} is likely too large; the weights are unusable now (save() refuses "
+                "them): lower it and restart from the last good checkpoint"
+            )
 
     def _chunk_loss(self, batch: Minibatch, advantages: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The PPO loss (clipped or KL-penalised surrogate, value loss, entropy bonus) on some steps."""
@@ -337,6 +440,9 @@ class PPO:
     # ------------------------------------------------------------------ using the policy
     def predict(self, obs: Any, *, deterministic: bool = True) -> np.ndarray:
         """Action(s) for one observation or a batch, as the env expects them."""
+        return self._predict(obs, deterministic=deterministic, generator=self.generator)
+
+    def _predict(self, obs: Any, *, deterministic: bool, generator: torch.Generator) -> np.ndarray:
         space = self.envs.single_observation_space
         if isinstance(obs, dict):  # token envs: {"input_ids": [L] or [N, L], "attention_mask": ...}
             single = np.asarray(obs["input_ids"]).ndim == 1
@@ -348,9 +454,15 @@ class PPO:
                 raise ValueError(
                     f"obs has shape {array.shape}; expected {tuple(space.shape)} or (batch, *{tuple(space.shape)})"
                 )
+            found = first_nonfinite(obs)
+            if found is not None:
+                raise NonFiniteError(
+                    f"obs[{', '.join(map(str, found[0]))}] = {found[1]!r} is not finite; predict() needs finite "
+                    "observations within float32's range"
+                )
             batch = self._obs_tensor(array[None] if single else array)
         with torch.no_grad():
-            action, _, _ = self.policy.act(batch, deterministic=deterministic, generator=self.generator)
+            action, _, _ = self.policy.act(batch, deterministic=deterministic, generator=generator)
         env_action = self.policy.to_env_action(action)
         return env_action[0] if single else env_action
 
@@ -361,8 +473,7 @@ class PPO:
         (TextRLHF-v0: ``prompt``, ``completion``, ``score``, ...). The envs are reset afterwards, so
         the next rollout starts fresh episodes.
         """
-        if not isinstance(n_episodes, int) or n_episodes < 1:
-            raise ValueError(f"n_episodes={n_episodes!r} must be a positive integer")
+        _check_count("n_episodes", n_episodes, example="10")
         found: list[dict[str, Any]] = []
         with torch.inference_mode():
             while len(found) < n_episodes:
@@ -389,40 +500,126 @@ class PPO:
     def evaluate(
         self, n_episodes: int = 10, *, env: gym.Env | None = None, deterministic: bool = True, seed: int | None = None
     ) -> tuple[float, float]:
-        """Mean and std of the undiscounted return over ``n_episodes`` on a separate env."""
-        if not isinstance(n_episodes, int) or n_episodes < 1:
-            raise ValueError(f"n_episodes={n_episodes!r} must be a positive integer")
-        if env is None:
-            if self.env_id is None or (self._sequence_policy and not self._built_from_id):
-                raise ValueError("this agent's env cannot be rebuilt from its id alone; pass evaluate(env=...)")
-            kwargs = dict(self.env_kwargs)
-            if self._sequence_policy:  # the trained model itself, not a fresh load of the starting one
-                kwargs.update(model=self.envs.model, tokenizer=self.envs.tokenizer)
-            env = gym.make(self.env_id, **kwargs)
+        """Mean and std of the undiscounted return over ``n_episodes`` on a separate env.
+
+        Without ``env``, a copy of the training env: ``gym.make(id, **env_kwargs)`` for an id, ``gym.make(spec)``
+        (or a deep copy, without a spec) for an env object. Token envs (a sequence-model policy) play their
+        episodes batched in a KV-cached vector env sharing the trained model and its frozen reference,
+        with the KL coefficient frozen at its current value. Episode ``k`` starts from ``reset(seed=seed + k)``
+        (default seed: ``config.seed + 1_000_000``) and stochastic actions come from a generator seeded
+        with ``seed``: the same call gives the same result, and training's random streams are left alone.
+        """
+        _check_count("n_episodes", n_episodes, example="10")
         seed = self.config.seed + 1_000_000 if seed is None else seed
-        returns = []
-        for episode in range(n_episodes):
-            obs, _ = env.reset(seed=seed + episode)
-            total, done = 0.0, False
-            while not done:
-                obs, reward, terminated, truncated, _ = env.step(self.predict(obs, deterministic=deterministic))
-                total += float(reward)
-                done = terminated or truncated
-            returns.append(total)
-        env.close()
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be an integer >= 0 or None, e.g. seed=0")
+        generator = torch.Generator().manual_seed(seed)
+        if env is None and self._sequence_policy:
+            if not self._built_from_id:
+                # a ready token VectorEnv: its settings are only trusted when made from an id by this agent
+                raise ValueError("this agent's env cannot be rebuilt from its id alone; pass evaluate(env=...)")
+            returns = self._evaluate_batched(n_episodes, deterministic=deterministic, seed=seed, generator=generator)
+            return float(np.mean(returns)), float(np.std(returns))
+        if isinstance(env, VectorEnv) or (env is not None and not isinstance(env, gym.Env)):
+            raise ValueError(f"evaluate(env={env!r}) needs a single gymnasium.Env (not a VectorEnv), or env=None")
+        owned = env is None
+        env = self._evaluation_env() if env is None else env
+        try:
+            returns = [
+                self._play_episode(env, seed=seed + k, deterministic=deterministic, generator=generator)
+                for k in range(n_episodes)
+            ]
+        finally:
+            if owned:
+                env.close()
         return float(np.mean(returns)), float(np.std(returns))
+
+    def _evaluation_env(self) -> gym.Env:
+        """A fresh single env like the training one (for evaluate); ValueError when none can be made."""
+        if self._built_from_id:
+            return gym.make(self.env_id, **self.env_kwargs)
+        made = single_env_copy(self._source_env if self._source_env is not None else self.envs)
+        if made is None:
+            raise ValueError("this agent's env cannot be rebuilt or copied for evaluation; pass evaluate(env=...)")
+        return made
+
+    def _play_episode(self, env: gym.Env, *, seed: int, deterministic: bool, generator: torch.Generator) -> float:
+        obs, _ = env.reset(seed=seed)
+        total, done, step = 0.0, False, 0
+        while not done:
+            action = self._predict(obs, deterministic=deterministic, generator=generator)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            if first_nonfinite(reward) is not None:
+                raise NonFiniteError(
+                    f"the evaluation env returned reward {reward!r} at step {step} of the episode reset with "
+                    f"seed {seed}; rewards must be finite numbers"
+                )
+            total += float(reward)
+            done = terminated or truncated
+            step += 1
+        return total
+
+    def _evaluate_batched(
+        self, n_episodes: int, *, deterministic: bool, seed: int, generator: torch.Generator
+    ) -> list[float]:
+        """Whole episodes of a token env, ``min(n_episodes, num_envs)`` at a time on the env's KV cache.
+
+        The policy reads the env's cached next-token distribution through ``policy.envs`` (it checks that
+        the env's ``current_obs`` is the obs it is asked about), so it points at the evaluation env meanwhile.
+        """
+        envs = token_eval_env(self.envs, min(n_episodes, self.num_envs))
+        training_envs = self.policy.envs
+        self.policy.envs = envs
+        returns: list[float] = []
+        try:
+            with torch.inference_mode():
+                while len(returns) < n_episodes:
+                    rows = min(envs.num_envs, n_episodes - len(returns))
+                    returns += self._play_round(envs, rows, seed=seed + len(returns), deterministic=deterministic,
+                                                generator=generator)
+        finally:
+            self.policy.envs = training_envs
+            envs.close()
+        return returns
+
+    def _play_round(
+        self, envs: VectorEnv, rows: int, *, seed: int, deterministic: bool, generator: torch.Generator
+    ) -> list[float]:
+        """One episode in each of the first ``rows`` sub-envs (row i reset with ``seed + i``); their returns."""
+        running = np.arange(envs.num_envs) < rows
+        seeds = [seed + i if running[i] else None for i in range(envs.num_envs)]
+        # a last, partial round restarts only the rows it needs; the others wait (autoreset disabled)
+        obs, _ = envs.reset(seed=seeds, options=None if running.all() else {"reset_mask": running})
+        returns = np.zeros(envs.num_envs)
+        while running.any():
+            action, _, _ = self.policy.act(self._obs_tensor(obs), deterministic=deterministic, generator=generator)
+            obs, reward, terminated, truncated, _ = envs.step(self.policy.to_env_action(action))
+            returns += np.where(running, reward, 0.0)
+            running &= ~(terminated | truncated)
+        if first_nonfinite(returns[:rows]) is not None:
+            raise NonFiniteError(f"the evaluation env returned non-finite rewards: episode returns {returns[:rows]}")
+        return returns[:rows].tolist()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write everything needed to continue this run exactly, atomically."""
-        checkpoint.save_checkpoint(checkpoint.agent_state(self), path)
+        """Write everything needed to continue this run exactly, atomically.
+
+        Refuses (NonFiniteError) weights or optimizer state holding NaN / inf, leaving a checkpoint
+        already at ``path`` untouched. :func:`agents.checkpoint.describe` lists what the file holds.
+        """
+        state = checkpoint.agent_state(self)
+        checkpoint.check_finite(state, path)
+        checkpoint.save_checkpoint(state, path)
 
     @classmethod
     def load(
         cls, path: str | os.PathLike[str], env: str | gym.Env | VectorEnv | None = None,
         *, logdir: str | os.PathLike[str] | None = None,
     ) -> PPO:
-        """Rebuild an agent from :meth:`save`; ``learn`` then continues the same run."""
+        """Rebuild an agent from :meth:`save`; ``learn`` then continues the same run.
+
+        ``env`` must have the checkpoint's observation and action spaces (SpaceMismatchError otherwise).
+        """
         state = checkpoint.load_checkpoint(path)
         env_kwargs = state.get("env_kwargs", {})
         if env is None:
@@ -434,10 +631,10 @@ class PPO:
                 )
             env = state["env_id"]
         agent = cls(
-            env, PPOConfig.from_dict(state["config"]), logdir=logdir,
+            env, checkpoint.saved_config(state, path), logdir=logdir,
             env_kwargs=env_kwargs if isinstance(env, str) else None,
         )
-        checkpoint.restore_agent(agent, state)
+        checkpoint.restore_agent(agent, state, path)
         return agent
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
@@ -478,3 +675,9 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=int(total), unit="step", dynamic_ncols=True)
+
+
+def _check_count(name: str, value: Any, *, example: str) -> None:
+    """ValueError unless ``value`` is an int >= 1 (a bool is not a count)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer, e.g. {name}={example}")

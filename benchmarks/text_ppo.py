@@ -27,7 +27,7 @@ iteration and then ``--iterations`` measured ones; the table reports medians. Wh
   forward (KL exactly 0). ``ours-bf16ref`` is the same with the env's ``ref_dtype="bfloat16"``
   (the frozen reference stored and run in bfloat16; the policy stays float32).
 * TRL: ``trl.experimental.ppo.PPOTrainer`` with the settings of the reference figures
-  (``/work/shared/PEERS.md``): batch B, ``num_mini_batches = B / 8``, 4 PPO epochs, 32 response
+  (``../shared/PEERS.md``): batch B, ``num_mini_batches = B / 8``, 4 PPO epochs, 32 response
   tokens, no EOS stop, fp32 on CPU, lr 3e-6, kl_coef 0.05, clip 0.2 / 0.2, vf_coef 0.1, gamma 1,
   lam 0.95, temperature 0.7. Policy, reference, value model (``AutoModelForSequenceClassification``
   from the policy's weights, ``num_labels=1``) and a reward model: by default an ``nn.Module`` around
@@ -72,7 +72,7 @@ AGENTS = ("ours", "ours-bf16ref", "trl", "generate")
 LABELS = {"ours": "ours", "ours-bf16ref": "ours, bf16 reference", "trl": "TRL 1.12", "generate": "generate"}
 OURS = ("ours", "ours-bf16ref")
 DEFAULT_BATCHES = {"tiny": (16, 64), "smollm2": (16,)}
-# TRL 1.12.0 figures from /work/shared/PEERS.md (one core): s/iteration, rollout s, optimise s,
+# TRL 1.12.0 figures from ../shared/PEERS.md (one core): s/iteration, rollout s, optimise s,
 # rollout tok/s, peak RSS GiB; shown for context, the targets compare against TRL in the same run
 PEER_TRL = {
     ("smollm2", 16): (105.0, 16.5, 89.0, 31.0, 7.1),

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
 from .kl import KL_ESTIMATORS, KLController, as_kl_controller
 
-__all__ = ["TextEnvConfig"]
+__all__ = ["TextEnvConfig", "eos_ids", "check_context", "check_tokenizer_size", "check_reset_options"]
 
 REF_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# where transformers configs keep the longest sequence a model takes (GPT-2 style, then others)
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
 @dataclass(frozen=True)
@@ -113,3 +115,58 @@ def eos_ids(
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
             raise ConfigError(f"eos_token_id={eos_token_id!r}: {i!r} is not a token id in [0, {vocab_size})")
     return tuple(dict.fromkeys(ids))
+
+
+def context_limit(model_config: Any) -> tuple[int, str] | None:
+    """(longest sequence, config field) of a transformers config; None for models with no limit."""
+    if model_config is None:
+        return None
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    for field in _CONTEXT_FIELDS:
+        value = getattr(text, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            # the name the config itself uses (GPT-2 maps max_position_embeddings to n_positions)
+            return value, getattr(text, "attribute_map", {}).get(field, field)
+    return None
+
+
+def check_context(config: TextEnvConfig, model_config: Any) -> None:
+    """A prompt plus a response must fit the model's context (read from its config, before weights load)."""
+    limit = context_limit(model_config)
+    if limit is None or config.obs_length <= limit[0]:
+        return
+    tokens, field = limit
+    raise ConfigError(
+        f"max_prompt_tokens={config.max_prompt_tokens} + max_new_tokens={config.max_new_tokens} = "
+        f"{config.obs_length} is more than the model's context of {tokens} tokens (config.{field}); "
+        f"lower max_prompt_tokens or max_new_tokens so that their sum is at most {tokens}"
+    )
+
+
+def check_tokenizer_size(tokenizer: Any, vocab_size: int) -> None:
+    """Every token id the tokenizer can produce must have a row in the model's output layer."""
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and size > vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {size} tokens but the model's output layer has {vocab_size} (its vocab_size), "
+            f"so token ids >= {vocab_size} could be neither sampled nor scored; pass the tokenizer the model "
+            f"was trained with, or call model.resize_token_embeddings(len(tokenizer)) before building the env"
+        )
+
+
+def check_reset_options(options: Any, accepted: Sequence[str]) -> Mapping[str, Any]:
+    """`reset(options=...)` as a mapping ({} for None); unknown keys suggest the closest accepted one."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(
+            f"options={options!r:.80} must be a dict or None; accepted keys: {list(accepted)}"
+        )
+    for key in options:
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.4)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"reset(options=...) got the unknown key {key!r}; {hint}accepted keys: {list(accepted)}"
+            )
+    return options

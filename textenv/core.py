@@ -6,6 +6,7 @@ they differ only in how many rows the same code runs.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,12 +16,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TextEnvConfig, eos_ids
+from .config import TextEnvConfig, check_context, check_tokenizer_size, eos_ids
 from .decoding import DecodeState
+from .errors import ConfigError, NonFiniteError
 from .kl import KLController, as_kl_controller, kl_estimates, restrict_to_support
-from .models import Shared, load_policy, load_tokenizer, same_weights, weights_version
-from .prompts import PromptSet
-from .rewards import RewardSet, build_reward
+from .models import (
+    Shared,
+    load_policy,
+    load_tokenizer,
+    model_config,
+    model_source,
+    same_weights,
+    target_device,
+    weights_version,
+)
+from .prompts import PromptSet, load_prompts
+from .rewards import RewardSet, build_reward, check_reward
 from .state import capture_engine, load_controller, parse_engine
 
 __all__ = ["Components", "build_components", "Engine", "StepResult", "TextEnvAttributes"]
@@ -60,25 +71,46 @@ def build_components(
     device: str | torch.device | None,
     settings: dict[str, Any],
 ) -> Components:
-    """Validate the settings, then load or adopt models, tokenizer, prompts and reward."""
+    """Validate the settings, then load or adopt models, tokenizer, prompts and reward.
+
+    Cheapest first: settings, device, prompt files, reward names and paths, the model's context (its
+    config alone), tokenizer and prompt lengths, reward models; the policy's weights load last, so a
+    mistake anywhere costs no policy load.
+    """
     controller = as_kl_controller(_unwrap(settings.pop("kl_coef")))
-    config = TextEnvConfig(kl_coef=controller, **settings)  # validates before anything heavy loads
-    policy, reference, source, model_handle = load_policy(model, device=device, ref_dtype=config.ref_dtype)
-    tokenizer = load_tokenizer(_unwrap(tokenizer), source or None)
-    vocab_size = _vocab_size(policy)
-    ends = eos_ids(eos_token_id, tokenizer, getattr(policy, "generation_config", None), vocab_size)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0] if ends else 0
+    _check_controller(controller)
+    config = TextEnvConfig(kl_coef=controller, **settings)
+    device = target_device(model, device)
+    texts = load_prompts(_unwrap(prompts))
+    check_reward(_unwrap(reward))
+    source = model_source(model)
+    check_context(config, model_config(model, source))
+    tokenizer = load_tokenizer(_unwrap(tokenizer), source)
     prompt_set = PromptSet.build(
-        _unwrap(prompts), tokenizer, max_prompt_tokens=config.max_prompt_tokens,
+        texts, tokenizer, max_prompt_tokens=config.max_prompt_tokens,
         chat_template=config.chat_template, truncate=config.truncate_prompts,
     )
-    reward_set = build_reward(_unwrap(reward), tokenizer=tokenizer, device=next(policy.parameters()).device)
+    reward_set = build_reward(_unwrap(reward), tokenizer=tokenizer, device=device)
+    policy, reference, source, model_handle = load_policy(model, device=device, ref_dtype=config.ref_dtype)
+    vocab_size = _vocab_size(policy)
+    check_tokenizer_size(tokenizer, vocab_size)
+    ends = eos_ids(eos_token_id, tokenizer, getattr(policy, "generation_config", None), vocab_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0] if ends else 0
     handles = {"tokenizer": Shared(tokenizer), "reward": Shared(reward_set), "kl_coef": Shared(controller),
                "prompts": Shared(_unwrap(prompts))}
     if model_handle is not None:
         handles["model"] = model_handle
     return Components(policy, reference, tokenizer, prompt_set, reward_set, controller, config, ends,
                       int(pad_id), vocab_size, handles)
+
+
+def _check_controller(controller: KLController) -> None:
+    value = getattr(controller, "value", None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(
+            f"kl_coef={type(controller).__name__} has the value {value!r}; a KL controller's value must be "
+            f"a finite number >= 0"
+        )
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -168,13 +200,81 @@ class Engine:
         self._check_reference(sampled=True, replacing_all=sorted(rows) == list(range(self.num_rows)))
         self.policy.start(rows, prompts)
         self.ref.start(rows, prompts)
+        self._check_outputs()
 
     def next_logprobs(self) -> torch.Tensor | None:
         """Policy log-probs for the current states, recomputed first if the weights changed."""
-        if self.policy.stale():
+        recomputed = self.policy.stale()
+        if recomputed:
             self.policy.refresh()
+        mirrored = self.ref.mirror is not None
         self._check_reference()
+        if recomputed or (mirrored and self.ref.mirror is None):
+            self._check_outputs()
         return self.policy.logprobs
+
+    def _check_outputs(self) -> None:
+        """NonFiniteError if an active row's next-token log-probs (policy or reference) are not finite.
+
+        Checked as they are computed, so a NaN never reaches the agent's sampler or the KL term.
+        """
+        rows = np.flatnonzero(self.active)
+        if len(rows):
+            self._check_logprobs(self.policy, rows, "policy")
+            if self.ref.mirror is None:
+                self._check_logprobs(self.ref, rows, "reference")
+
+    def _check_logprobs(self, state: DecodeState, rows: np.ndarray, who: str) -> None:
+        logprobs = state.logprobs
+        if logprobs is None:
+            return
+        # NaN propagates through max: one reduction catches NaN, +inf and rows with no finite entry
+        bad = (~torch.isfinite(logprobs.amax(-1))).cpu().numpy()
+        hits = rows[bad[rows]]
+        if not len(hits):
+            return
+        row = int(hits[0])
+        values = logprobs[row]
+        kind = "hold NaN" if bool(values.isnan().any()) else "hold +inf" if bool(values.isposinf().any()) else (
+            "are -inf for every token")
+        where = f"at env index {row}, step {len(self.responses[row])}"
+        if who == "policy":
+            raise NonFiniteError(
+                f"the policy's next-token log-probs {kind} {where}; the policy's weights are probably "
+                f"non-finite (a diverged update?): check torch.isfinite(p).all() for p in env.model.parameters(), "
+                f"then lower the learning rate or reload a checkpoint"
+            )
+        fp16 = ", or use ref_dtype='bfloat16' (float16 overflows)" if self.cfg.ref_dtype == "float16" else ""
+        raise NonFiniteError(
+            f"the reference's next-token log-probs {kind} {where}; the reference model's weights are probably "
+            f"non-finite (env.ref_model is a frozen copy of the starting weights): build the env from a "
+            f"model with finite weights{fp16}"
+        )
+
+    def _check_estimates(self, estimates: dict[str, np.ndarray], actions: np.ndarray, live: np.ndarray) -> None:
+        """NonFiniteError if the KL estimate in the reward, or the action's log-prob, is not finite."""
+        for name in (self.cfg.kl_estimator, "logprob"):
+            hits = np.flatnonzero(live & ~np.isfinite(estimates[name]))
+            if not len(hits):
+                continue
+            row = int(hits[0])
+            logp = float(estimates["logprob"][row])
+            ref_logp = float(estimates["ref_logprob"][row])
+            what = "the action's log-prob" if name == "logprob" else f"the KL estimate {name!r}"
+            cfg = self.cfg
+            if logp == -math.inf:
+                fix = (f"the policy gives token {int(actions[row])} probability 0 at temperature={cfg.temperature}, "
+                       f"top_k={cfg.top_k}, top_p={cfg.top_p}: sample actions from env.next_logprobs")
+            elif ref_logp == -math.inf:
+                fix = ("the reference gives the token probability 0, so log pi - log pi_ref is infinite: build "
+                       "the env from a reference that can produce every token the policy samples")
+            else:
+                fix = (f"the estimate overflowed: the token is far less likely under the policy than under the "
+                       f"reference (sampled at another temperature than temperature={cfg.temperature}?)")
+            raise NonFiniteError(
+                f"{what} is {estimates[name][row]} at env index {row}, step {len(self.responses[row])} "
+                f"(action {int(actions[row])}: log pi={logp:.6g}, log pi_ref={ref_logp:.6g}); {fix}"
+            )
 
     def step(self, actions: np.ndarray) -> StepResult:
         """Score `actions` ([num_rows] token ids) against the held distributions, then advance.
@@ -191,8 +291,14 @@ class Engine:
         estimates = {k: v.double().cpu().numpy() for k, v in kl_estimates(logprobs, ref_logprobs, tokens).items()}
         for values in estimates.values():
             values[~live] = 0.0
+        self._check_estimates(estimates, actions, live)
         kl = estimates[self.cfg.kl_estimator]
         coef = float(self.parts.controller.value)
+        if not math.isfinite(coef):
+            raise NonFiniteError(
+                f"the KL coefficient is {coef} (from {self.parts.controller!r}); a KL controller must keep "
+                f"its value a finite number >= 0: check its update()"
+            )
         reward = 0.0 - coef * kl  # 0.0 - ...: a zero KL gives +0.0, not -0.0
         reward[~live] = 0.0
         self.kl_sum += kl
@@ -214,6 +320,7 @@ class Engine:
             keep = torch.as_tensor(self.active, device=tokens.device)
             self.policy.advance(tokens, keep)
             self.ref.advance(tokens, keep)
+            self._check_outputs()
         return StepResult(reward, done, estimates, coef, done_rows, final)
 
     def _finish(self, rows: np.ndarray, eos: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -226,6 +333,7 @@ class Engine:
         completions = self.parts.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         total, parts = self.parts.reward(
             prompts, completions, completion_ids=completion_ids, eos=ended,
+            where=[f"env index {r}, step {len(self.responses[r]) - 1}" for r in rows],
             prompt_ids=[list(self.parts.prompts.token_ids[self.prompt_index[r]]) for r in rows],
         )
         if cfg.missing_eos_penalty is not None:
@@ -289,6 +397,7 @@ class Engine:
         ids, mask = torch.from_numpy(saved["token_ids"]), torch.from_numpy(saved["token_mask"])
         self.policy.restore(ids, mask)
         self.ref.restore(ids, mask)
+        self._check_outputs()
 
     def close(self) -> None:
         self.policy.clear()

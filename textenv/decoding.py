@@ -8,16 +8,13 @@ what the same sequence computes alone.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .kl import token_logprobs
+from .compat import cache_kwargs, returned_cache
+from .lm_head import LogitHead, eval_mode
 from .models import weights_version
 from .prefix import prefix_cache, split_shared_prefix
 
@@ -57,7 +54,8 @@ class DecodeState:
         # and a KL of exactly 0 (two copies can round differently, e.g. with other memory alignment)
         self.mirror: DecodeState | None = None
         self.version: tuple[int, int] | None = None
-        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # the trunk runs here and the head scores its last position: the same function as in the update
+        self.head = LogitHead.of(model)
         self.params = list(model.parameters())
         self._modules = list(model.modules())
 
@@ -67,21 +65,17 @@ class DecodeState:
         """Run the model on new tokens `ids`, `mask` covering cache + new columns: cache, logprobs, hidden."""
         # position of each new token = number of real tokens before it in its own row
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        extra = {"logits_to_keep": 1} if self._keep_last else {}
-        with torch.no_grad(), _eval_mode(self._modules):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                output_hidden_states=True,
-                **extra,
+        trunk = self.head.trunk
+        with torch.no_grad(), eval_mode(self._modules):
+            out = trunk(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **cache_kwargs(trunk, cache),
             )
+            hidden = out.last_hidden_state[:, -1]
+            logprobs = self.head.logprobs(hidden, self.temperature, self.top_k, self.top_p)
         if self.track_weights:
             self.version = weights_version(self.params)
-        logprobs = token_logprobs(out.logits[:, -1], self.temperature, self.top_k, self.top_p)
-        return out.past_key_values, logprobs, out.hidden_states[-1][:, -1].float()
+        return returned_cache(out), logprobs, hidden.float()
 
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
@@ -95,9 +89,8 @@ class DecodeState:
         """
         shared = split_shared_prefix(ids, mask)
         if shared is not None:
-            with torch.no_grad(), _eval_mode(self._modules):
-                extra = {"logits_to_keep": 1} if self._keep_last else {}
-                cache = prefix_cache(self.model, shared, ids.shape[0], **extra)
+            with torch.no_grad(), eval_mode(self._modules):
+                cache = prefix_cache(self.head.trunk, shared, ids.shape[0])
             if cache is not None:
                 cache, logprobs, hidden = self._forward(shared.rest_ids, shared.mask, cache)
                 return shared.full_ids, shared.mask, cache, logprobs, hidden
@@ -210,23 +203,6 @@ class DecodeState:
         """Free the cache (on close)."""
         self.cache = None
         self._logprobs = self._hidden = None
-
-
-@contextmanager
-def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
-    """Dropout off for a forward: the env's log-probs are the deterministic pi(a|s).
-
-    Flags are set directly: Module.train() walks and setattr()s ~400 modules of a 30-layer model,
-    ~10 ms a call.
-    """
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.__dict__["training"] = False
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.__dict__["training"] = mode
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -12,12 +12,15 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
+from .config import check_reset_options
 from .core import Engine, TextEnvAttributes, build_components
 from .errors import ConfigError, InvalidAction, ResetNeeded
 from .kl import KLController
 from .state import capture_rng, check_env_state, env_state, restore_rng
 
 __all__ = ["TextRLHFEnv", "observation_space", "check_token"]
+
+RESET_OPTIONS = ("prompt_index",)
 
 
 def observation_space(vocab_size: int, length: int) -> spaces.Dict:
@@ -188,15 +191,16 @@ class TextRLHFEnv(TextEnvAttributes, gym.Env):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        options = check_reset_options(options, RESET_OPTIONS)
         super().reset(seed=seed)
         index = self._prompt_index(options)
         self._engine.start([0], [index])
         self._running = self._started = True
         return self._engine.observation(0), self._engine.reset_info(0)
 
-    def _prompt_index(self, options: dict[str, Any] | None) -> int:
+    def _prompt_index(self, options: Mapping[str, Any]) -> int:
         n = len(self._parts.prompts)
-        if options and "prompt_index" in options:
+        if "prompt_index" in options:
             index = options["prompt_index"]
             if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
                 raise ConfigError(f"options['prompt_index']={index!r} is not an index in [0, {n})")

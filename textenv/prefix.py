@@ -9,12 +9,12 @@ the shared part as through any other, so this is exact for training too (up to f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from .compat import returned_cache
 
 __all__ = ["SharedPrefix", "split_shared_prefix", "prefix_cache"]
 
@@ -74,14 +74,14 @@ def split_shared_prefix(ids: torch.Tensor, mask: torch.Tensor, *, limit: int | N
     return SharedPrefix(leading[:1, :k], ids[keep].view(rest_shape), mask[keep].view(rest_shape))
 
 
-def prefix_cache(model: nn.Module, prefix: SharedPrefix, batch: int, **kwargs: Any) -> DynamicCache | None:
+def prefix_cache(trunk: nn.Module, prefix: SharedPrefix, batch: int) -> DynamicCache | None:
     """The prefix's keys and values from one row, broadcast to `batch` rows (no copy until appended to).
 
+    `trunk` is the model without its output layer (`base_model`): the prefix's logits are never needed.
     None for caches with other layer kinds (sliding windows keep extra bookkeeping): run those whole.
-    `kwargs` go to the model (e.g. `logits_to_keep=1`: the prefix's logits are never needed).
     """
-    out = model(input_ids=prefix.ids, use_cache=True, **kwargs)
-    cache = out.past_key_values
+    out = trunk(input_ids=prefix.ids, use_cache=True)
+    cache = returned_cache(out)
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         return None
     for layer in cache.layers:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, RewardError
+from .errors import ConfigError, NonFiniteRewardError, RewardError
 
 __all__ = [
     "RewardFn",
@@ -33,6 +33,7 @@ __all__ = [
     "get_reward",
     "list_rewards",
     "build_reward",
+    "check_reward",
 ]
 
 RewardFn = Callable[..., Sequence[float]]
@@ -121,19 +122,15 @@ class RewardModel:
             raise ConfigError(f"reward model={model!r} is not a module; pass a sequence-classification model")
         if tokenizer is None:
             raise ConfigError("RewardModel(tokenizer=None) with a module: pass the reward model's tokenizer")
-        num_labels = getattr(model.config, "num_labels", 1)
-        if label_index is None and num_labels != 1:
-            raise ConfigError(
-                f"the reward model has num_labels={num_labels}; pass label_index=<which logit is the score>"
-            )
-        if model.config.pad_token_id is None and tokenizer.pad_token_id is None:
-            raise ConfigError(
-                "the reward model has no pad token, so batched scores cannot find each text's last token; "
-                "set model.config.pad_token_id (and tokenizer.pad_token) to e.g. the EOS token id"
-            )
+        self.label_index = _label_index(label_index, getattr(model.config, "num_labels", 1))
+        _check_reward_tokenizer(model, tokenizer)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1, e.g. batch_size=32")
+        if not isinstance(separator, str):
+            raise ConfigError(f"separator={separator!r} must be a string, e.g. separator=' '")
         model.eval()  # scores must not depend on dropout
         self.model, self.tokenizer, self.separator = model, tokenizer, separator
-        self.label_index, self.batch_size = label_index or 0, batch_size
+        self.batch_size = batch_size
         self.name = name or "reward_model"
 
     def __call__(self, prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
@@ -157,6 +154,38 @@ class RewardModel:
                 logits = self.model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits
             scores += logits[:, self.label_index].float().tolist()
         return scores
+
+
+def _label_index(label_index: Any, num_labels: int) -> int:
+    """The logit column that is the score: checked against the model's num_labels at construction."""
+    if label_index is None:
+        if num_labels != 1:
+            raise ConfigError(
+                f"the reward model has num_labels={num_labels}; pass label_index=<which logit is the score>"
+            )
+        return 0
+    if isinstance(label_index, bool) or not isinstance(label_index, int) or not 0 <= label_index < num_labels:
+        raise ConfigError(
+            f"label_index={label_index!r} is out of range: the reward model has num_labels={num_labels}; "
+            f"pass an integer in [0, {num_labels}) naming the logit that is the score"
+        )
+    return label_index
+
+
+def _check_reward_tokenizer(model: nn.Module, tokenizer: Any) -> None:
+    """The tokenizer must fit the reward model's embeddings and give it a pad token."""
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is None:
+        raise ConfigError(
+            "the reward model has no pad token, so batched scores cannot find each text's last token; "
+            "set model.config.pad_token_id (and tokenizer.pad_token) to e.g. the EOS token id"
+        )
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and hasattr(tokenizer, "__len__") and len(tokenizer) > rows:
+        raise ConfigError(
+            f"the reward model's tokenizer has {len(tokenizer)} tokens but the reward model embeds only {rows}; "
+            f"pass the tokenizer the reward model was trained with, e.g. RewardModel(model, tokenizer)"
+        )
 
 
 def register_reward(name: str, fn: RewardFn, *, overwrite: bool = False) -> None:
@@ -206,23 +235,39 @@ class RewardSet:
         return tuple(name for name, _, _ in self.components)
 
     def __call__(
-        self, prompts: list[str], completions: list[str], **kwargs: Any
+        self, prompts: list[str], completions: list[str], *, where: Sequence[str] | None = None, **kwargs: Any
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Total and per-component scores; `where[i]` (e.g. "env index 2, step 5") goes into error messages.
+
+        `where` is not passed on to the reward functions; every other keyword argument is.
+        """
+        at = [f" ({w})" for w in where] if where is not None else [""] * len(completions)
         total = np.zeros(len(completions), dtype=np.float64)
         parts = {}
         for name, fn, weight in self.components:
-            scores = _call_checked(name, fn, prompts, completions, kwargs)
+            scores = _call_checked(name, fn, prompts, completions, kwargs, at)
             parts[name] = scores
-            total += weight * scores
+            with np.errstate(over="ignore"):  # an overflow is reported below, with the item it hit
+                total += weight * scores
+        for i in np.flatnonzero(~np.isfinite(total)).tolist():
+            terms = ", ".join(f"{n}={parts[n][i]:.6g} with weight {w:g}" for n, _, w in self.components)
+            raise NonFiniteRewardError(
+                f"the weighted reward total is {total[i]} for prompt {prompts[i]!r}{at[i]}: it overflowed "
+                f"from finite components ({terms}); lower the weights or the scores' scale"
+            )
         return total, parts
 
 
-def _call_checked(name: str, fn: RewardFn, prompts: list[str], completions: list[str], kwargs: dict) -> np.ndarray:
+def _call_checked(
+    name: str, fn: RewardFn, prompts: list[str], completions: list[str], kwargs: dict, at: list[str]
+) -> np.ndarray:
+    """`fn`'s scores as float64, or RewardError naming the component, the item and what was wrong."""
     try:
         result = fn(prompts, completions, **kwargs)
     except Exception as exc:
         culprit = _find_failing_item(fn, prompts, completions, kwargs)
-        where = f"on prompt {prompts[culprit]!r}" if culprit is not None else f"on a batch of {len(prompts)} prompts"
+        where = (f"on prompt {prompts[culprit]!r}{at[culprit]}" if culprit is not None
+                 else f"on a batch of {len(prompts)} prompts")
         raise RewardError(
             f"reward {name!r} ({_describe(fn)}) raised {type(exc).__name__}: {exc} {where}"
         ) from exc
@@ -245,15 +290,22 @@ def _call_checked(name: str, fn: RewardFn, prompts: list[str], completions: list
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise RewardError(
                 f"reward {name!r} ({_describe(fn)}) returned {value!r} ({type(value).__name__}) for prompt "
-                f"{prompts[i]!r}; scores must be real numbers"
+                f"{prompts[i]!r}{at[i]}; scores must be real numbers"
             )
         if not math.isfinite(value):
-            raise RewardError(
+            raise NonFiniteRewardError(
                 f"reward {name!r} ({_describe(fn)}) returned {value} for prompt {prompts[i]!r} and "
-                f"completion {completions[i]!r}; scores must be finite"
+                f"completion {completions[i]!r}{at[i]}; scores must be finite{_non_finite_hint(fn)}"
             )
         scores[i] = float(value)
     return scores
+
+
+def _non_finite_hint(fn: RewardFn) -> str:
+    if isinstance(fn, RewardModel):
+        return (" (the reward model's logits are not: check its weights with torch.isfinite, or load it in "
+                "float32)")
+    return " (replace NaN / inf in the reward function, e.g. with a penalty score)"
 
 
 def _find_failing_item(fn: RewardFn, prompts: list[str], completions: list[str], kwargs: dict) -> int | None:
@@ -279,17 +331,18 @@ def _component_name(spec: Any, fn: Any, index: int) -> str:
     return name if isinstance(name, str) and name and name != "<lambda>" else f"reward_{index}"
 
 
-def _resolve_one(spec: Any, tokenizer: Any, device: torch.device) -> RewardFn:
+def _kind(spec: Any) -> str:
+    """'name', 'path', 'module' or 'callable': how a reward spec is resolved (ConfigError for others)."""
     if isinstance(spec, str):
         if spec in _REGISTRY or not ("/" in spec or os.sep in spec or os.path.exists(spec)):
-            return get_reward(spec)
-        return RewardModel(spec, device=device)
+            return "name"
+        return "path"
     if isinstance(spec, os.PathLike):
-        return RewardModel(spec, device=device)
+        return "path"
     if isinstance(spec, nn.Module):
-        return RewardModel(spec, tokenizer)
+        return "module"
     if callable(spec):
-        return spec
+        return "callable"
     raise ConfigError(
         f"reward={spec!r} is not a reward; pass a callable fn(prompts, completions, **kw) -> list[float], "
         f"a registered name {list_rewards()}, a sequence-classification model or its path, "
@@ -297,11 +350,19 @@ def _resolve_one(spec: Any, tokenizer: Any, device: torch.device) -> RewardFn:
     )
 
 
-def build_reward(spec: Any, *, tokenizer: Any = None, device: torch.device | None = None) -> RewardSet:
-    """Turn any accepted `reward=` value into a RewardSet with unique component names."""
-    if isinstance(spec, RewardSet):
-        return spec
-    device = device or torch.device("cpu")
+def _resolve_one(spec: Any, tokenizer: Any, device: torch.device) -> RewardFn:
+    kind = _kind(spec)
+    if kind == "name":
+        return get_reward(spec)
+    if kind == "path":
+        return RewardModel(spec, device=device)
+    if kind == "module":
+        return RewardModel(spec, tokenizer)
+    return spec
+
+
+def _items(spec: Any) -> list[tuple[Any, float]]:
+    """The (reward, weight) pairs of any accepted `reward=` value, weights checked."""
     if isinstance(spec, dict):
         items = list(spec.items())
     elif isinstance(spec, (list, tuple)) and not _is_pair(spec):
@@ -310,11 +371,37 @@ def build_reward(spec: Any, *, tokenizer: Any = None, device: torch.device | Non
         items = [spec if _is_pair(spec) else (spec, 1.0)]
     if not items:
         raise ConfigError("reward=[] is empty; pass at least one reward, e.g. reward='sentiment'")
-    components: list[tuple[str, RewardFn, float]] = []
-    seen: dict[str, int] = {}
-    for index, (item, weight) in enumerate(items):
+    for item, weight in items:
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise ConfigError(f"the weight {weight!r} of reward {item!r} must be a finite number")
+    return items
+
+
+def check_reward(spec: Any) -> None:
+    """Check a `reward=` value without loading anything: names registered, paths existing, weights finite.
+
+    The env calls this before it loads the policy, so a misspelt name costs no model load.
+    """
+    from .models import _resolve_source
+
+    if isinstance(spec, RewardSet):
+        return
+    for item, _ in _items(spec):
+        kind = _kind(item)
+        if kind == "name":
+            get_reward(item)
+        elif kind == "path":
+            _resolve_source(item, "reward")
+
+
+def build_reward(spec: Any, *, tokenizer: Any = None, device: torch.device | None = None) -> RewardSet:
+    """Turn any accepted `reward=` value into a RewardSet with unique component names."""
+    if isinstance(spec, RewardSet):
+        return spec
+    device = device or torch.device("cpu")
+    components: list[tuple[str, RewardFn, float]] = []
+    seen: dict[str, int] = {}
+    for index, (item, weight) in enumerate(_items(spec)):
         fn = _resolve_one(item, tokenizer, device)
         name = _component_name(item, fn, index)
         seen[name] = seen.get(name, 0) + 1

@@ -1,8 +1,8 @@
 """Tiny models and tokenizers built from a config, for tests and examples (no downloads).
 
 A word-level tokenizer over a few dozen everyday words (some of them in VADER's lexicon, so the
-sentiment reward is not constantly zero) and a randomly initialised GPT-2 or Llama of a few thousand
-parameters: enough to exercise every code path of the environment in milliseconds per step.
+sentiment reward is not constantly zero) and a randomly initialised GPT-2, Llama or another family
+(`ARCHITECTURES`) of a few thousand parameters: enough to exercise every code path of the environment in milliseconds per step.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
@@ -24,7 +26,7 @@ from transformers import (
 )
 
 __all__ = ["DEFAULT_VOCAB", "CHAT_TEMPLATE", "SAMPLE_PROMPTS", "make_tiny_tokenizer", "make_tiny_model_dir",
-           "make_tiny_reward_model_dir"]
+           "make_tiny_reward_model_dir", "ARCHITECTURES"]
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>", "<bos>")
 
@@ -75,6 +77,20 @@ def make_tiny_tokenizer(
     return tokenizer
 
 
+# Llama-style families for tests of model-specific paths (Gemma 2: soft-capped logits, sliding
+# windows; Cohere: scaled logits); each gets the same tiny shape
+_LLAMA_LIKE = {
+    "llama": {"tie_word_embeddings": True},
+    "qwen2": {},
+    "mistral": {},
+    "gemma2": {"head_dim": 16, "final_logit_softcapping": 3.0, "sliding_window": 8, "query_pre_attn_scalar": 16},
+    "cohere": {"logit_scale": 0.5},
+    "granite": {"logits_scaling": 2.0},
+}
+ARCHITECTURES: tuple[str, ...] = ("gpt2", *_LLAMA_LIKE)
+"""The `arch` values `make_tiny_model_dir` builds."""
+
+
 def _causal_lm(arch: str, vocab_size: int, n_layer: int, n_embd: int, tokenizer) -> torch.nn.Module:
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
@@ -87,7 +103,14 @@ def _causal_lm(arch: str, vocab_size: int, n_layer: int, n_embd: int, tokenizer)
                              num_hidden_layers=n_layer, num_attention_heads=2, num_key_value_heads=1,
                              max_position_embeddings=256, tie_word_embeddings=True, **ids)
         return LlamaForCausalLM(config)
-    raise ValueError(f"arch={arch!r} is not supported; use 'gpt2' or 'llama'")
+    if arch in _LLAMA_LIKE:
+        config = AutoConfig.for_model(
+            arch, vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=2 * n_embd,
+            num_hidden_layers=n_layer, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=256, **ids, **_LLAMA_LIKE[arch],
+        )
+        return AutoModelForCausalLM.from_config(config)
+    raise ValueError(f"arch={arch!r} is not supported; use one of {ARCHITECTURES}")
 
 
 def make_tiny_model_dir(

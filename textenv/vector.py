@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from torch import nn
 
+from .config import check_reset_options
 from .core import Engine, TextEnvAttributes, build_components
 from .env import check_token, observation_space
 from .errors import ConfigError, InvalidAction, ResetNeeded
@@ -21,6 +22,8 @@ from .kl import KLController
 from .state import capture_rng, check_env_state, env_state, restore_rng
 
 __all__ = ["TextRLHFVectorEnv"]
+
+RESET_OPTIONS = ("reset_mask", "prompt_index")
 
 
 class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
@@ -133,6 +136,7 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
         `options={"reset_mask": mask}` (a bool array of shape `(num_envs,)`, Gymnasium's convention)
         restarts only the masked sub-envs; the others carry on.
         """
+        options = check_reset_options(options, RESET_OPTIONS)
         rows = self._reset_rows(options)
         seeds = self._seeds(seed)
         super().reset(seed=seed if isinstance(seed, int) else None)
@@ -147,8 +151,8 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
             infos = self._add_info(infos, self._engine.reset_info(i), i)
         return self._engine.observations(), infos
 
-    def _reset_rows(self, options: dict[str, Any] | None) -> list[int]:
-        mask = (options or {}).get("reset_mask")
+    def _reset_rows(self, options: Mapping[str, Any]) -> list[int]:
+        mask = options.get("reset_mask")
         if mask is None:
             return list(range(self.num_envs))
         mask = np.asarray(mask)
@@ -170,18 +174,21 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
             return list(seed)
         raise ConfigError(f"seed={seed!r} must be None, an int, or a list of {self.num_envs} ints / None")
 
-    def _prompt_indices(self, options: dict[str, Any] | None) -> list[int]:
+    def _prompt_indices(self, options: Mapping[str, Any]) -> list[int]:
         n = len(self._parts.prompts)
-        if options and "prompt_index" in options:
-            indices = list(options["prompt_index"])
-            if len(indices) != self.num_envs or not all(
-                isinstance(k, (int, np.integer)) and not isinstance(k, bool) and 0 <= k < n for k in indices
-            ):
-                raise ConfigError(
-                    f"options['prompt_index']={options['prompt_index']!r} must be {self.num_envs} ints in [0, {n})"
-                )
-            return [int(k) for k in indices]
-        return [int(rng.integers(n)) for rng in self._rngs]
+        if "prompt_index" not in options:
+            return [int(rng.integers(n)) for rng in self._rngs]
+        value = options["prompt_index"]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        indices = list(value) if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str) else None
+        if indices is None or len(indices) != self.num_envs or not all(
+            isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)) and 0 <= k < n for k in indices
+        ):
+            raise ConfigError(
+                f"options['prompt_index']={value!r} must be {self.num_envs} ints in [0, {n}), one per sub-env"
+            )
+        return [int(k) for k in indices]
 
     def step(
         self, actions: Any

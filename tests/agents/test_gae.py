@@ -101,3 +101,24 @@ def test_minibatches_cover_the_rollout_once():
     buf.advantages = buf.rewards.clone()
     seen = torch.cat([mb.advantages for mb in buf.minibatches(3, torch.Generator().manual_seed(0))])
     assert sorted(seen.tolist()) == list(range(12))
+
+
+@pytest.mark.parametrize("steps,envs,minibatches", [(5, 3, 4), (7, 1, 3), (4, 2, 4)])
+def test_every_transition_is_in_exactly_one_minibatch_per_epoch(steps, envs, minibatches):
+    buf = RolloutBuffer(steps, envs, (1,), ())
+    buf.obs[:] = torch.arange(steps * envs, dtype=torch.float32).reshape(steps, envs, 1)
+    batches = list(buf.minibatches(minibatches, torch.Generator().manual_seed(0)))
+    seen = sorted(int(x) for b in batches for x in b.obs.flatten())
+    assert seen == list(range(steps * envs))  # none dropped when the rollout does not divide
+    sizes = [len(b.obs) for b in batches]
+    assert len(sizes) == minibatches and max(sizes) - min(sizes) <= 1
+
+
+def test_an_evenly_divided_rollout_keeps_its_slices():
+    """Spreading a remainder must not change the minibatches of a rollout that divides (seeded runs stay put)."""
+    buf = RolloutBuffer(4, 4, (1,), ())
+    buf.obs[:] = torch.arange(16, dtype=torch.float32).reshape(4, 4, 1)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+    batches = list(buf.minibatches(4, torch.Generator().manual_seed(3)))
+    for k, batch in enumerate(batches):
+        assert batch.obs.flatten().long().tolist() == order[4 * k : 4 * k + 4].tolist()

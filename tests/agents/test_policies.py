@@ -98,3 +98,28 @@ def test_predict_single_and_batched_observations(env_id):
     assert len(batch) == 2
     with pytest.raises(ValueError, match="obs has shape"):
         agent.predict(np.zeros(17))
+
+
+def test_a_bool_is_not_a_number_of_timesteps_and_callbacks_must_be_callable():
+    agent = PPO("CartPole-v1", PPOConfig(num_envs=1, num_steps=8, num_minibatches=1))
+    with pytest.raises(ValueError, match=re.escape("total_timesteps=True must be a positive integer")):
+        agent.learn(True)
+    with pytest.raises(ValueError, match=re.escape("callback=5 must be callable as callback(agent) -> bool | None")):
+        agent.learn(8, callback=5)
+    assert agent.global_step == 0
+
+
+def test_config_may_be_a_dict_of_fields_and_nothing_else():
+    agent = PPO("CartPole-v1", {"num_envs": 1, "num_steps": 8, "num_minibatches": 1})
+    assert agent.config.num_steps == 8
+    with pytest.raises(ValueError, match=re.escape("unknown PPOConfig key 'n_steps'; did you mean 'num_steps'?")):
+        PPO("CartPole-v1", {"n_steps": 8})
+    with pytest.raises(ValueError, match=re.escape("config='fast' must be a PPOConfig (or a dict of its fields)")):
+        PPO("CartPole-v1", "fast")
+
+
+def test_env_kwargs_typos_get_the_closest_argument():
+    message = ("env_kwargs key 'max_episode_step' is not an argument of CartPole-v1 "
+               "(gymnasium.envs.classic_control.cartpole:CartPoleEnv); did you mean 'max_episode_steps'?")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        PPO("CartPole-v1", PPOConfig(num_envs=1, num_steps=8, num_minibatches=1), env_kwargs={"max_episode_step": 5})

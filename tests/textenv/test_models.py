@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import re
 
+import gymnasium as gym
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
-from textenv import Shared, TextRLHFEnv, models
+from textenv import RewardModel, Shared, TextRLHFEnv, models
 from textenv.errors import ConfigError, DependencyNotInstalled
-from textenv.testing import SAMPLE_PROMPTS
+from textenv.testing import SAMPLE_PROMPTS, make_tiny_model_dir, make_tiny_reward_model_dir
 
 
 def test_shared_handles_survive_deep_copies():
@@ -68,8 +72,9 @@ def test_conversion_is_atomic_and_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "_convert_gguf", working)
     first = _convert_into(monkeypatch, tmp_path / "cache")
     second = _convert_into(monkeypatch, tmp_path / "cache")
-    assert first == second == tmp_path / "cache" / "SmolLM2-135M-Instruct" and len(calls) == 1
-    assert os.listdir(tmp_path / "cache") == ["SmolLM2-135M-Instruct"]
+    # the folder name carries a version: v1 caches kept the GGUF quantization_config and are not reused
+    assert first == second == tmp_path / "cache" / "SmolLM2-135M-Instruct-v2" and len(calls) == 1
+    assert os.listdir(tmp_path / "cache") == ["SmolLM2-135M-Instruct-v2"]
 
 
 def test_envs_from_one_path_share_the_frozen_reference_but_not_the_policy(tiny_dir):
@@ -102,3 +107,37 @@ def test_reference_in_bfloat16_keeps_the_kl_small_and_float32_logprobs(tiny_dir)
     assert 0 < np.abs(kls).max() < 0.1
     with pytest.raises(ConfigError, match="ref_dtype=.bf16. is not one of"):
         gym.make("TextRLHF-v0", model=tiny_dir, ref_dtype="bf16")
+
+
+@pytest.fixture
+def user_logging():
+    """transformers' defaults as a user has them (the test session turns the bars off), restored after."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.enable_progress_bar()
+    hf_logging.set_verbosity_info()
+    yield
+    hf_logging.set_verbosity(verbosity)
+    hf_logging.disable_progress_bar()
+
+
+def test_a_path_loads_once_per_process_and_quietly(tmp_path, monkeypatch, capfd, user_logging):
+    path = make_tiny_model_dir(tmp_path / "fresh")
+    reward = make_tiny_reward_model_dir(tmp_path / "reward")
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def counting(*args, **kwargs):
+        loads.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting)
+    capfd.readouterr()
+    for _ in range(2):
+        env = gym.make("TextRLHF-v0", model=str(path), reward=str(reward), prompts=list(SAMPLE_PROMPTS))
+        env.close()
+        del env
+        gc.collect()  # the first env is gone before the second is made
+    assert len(loads) == 1
+    assert capfd.readouterr() == ("", "")
+    assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == hf_logging.INFO
+    assert RewardModel(reward).model is RewardModel(reward).model

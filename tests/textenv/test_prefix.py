@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
+from textenv.compat import cache_kwargs
 from textenv.prefix import prefix_cache, split_shared_prefix
 
 
@@ -37,10 +38,11 @@ def test_forward_through_the_shared_prefix_equals_the_plain_forward(tiny_dir):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     plain = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     shared = split_shared_prefix(ids, mask)
-    cache = prefix_cache(model, shared, batch=3)
+    cache = prefix_cache(model.base_model, shared, batch=3)
     full_mask = shared.mask
     rest_positions = (full_mask.cumsum(-1) - 1)[:, shared.length :]
-    out = model(input_ids=shared.rest_ids, attention_mask=full_mask, position_ids=rest_positions, past_key_values=cache)
+    out = model(input_ids=shared.rest_ids, attention_mask=full_mask, position_ids=rest_positions,
+                **cache_kwargs(model, cache))
     real = shared.rest_mask.bool()
     for r in range(3):
         torch.testing.assert_close(out.logits[r][real[r]], plain[r][mask[r].bool()][shared.length :], atol=1e-5, rtol=0)

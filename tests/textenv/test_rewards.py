@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,33 @@ def test_reward_model_with_several_labels_needs_label_index(reward_dir):
     with pytest.raises(ConfigError, match="num_labels=2; pass label_index="):
         RewardModel(module, tokenizer)
     assert len(RewardModel(module, tokenizer, label_index=1)(["a"], ["b"])) == 1
+
+
+@pytest.mark.parametrize(("num_labels", "label_index"), [(1, 1), (2, 2), (2, -1), (3, True), (2, 1.0)])
+def test_reward_model_label_index_out_of_range_fails_at_construction(reward_dir, num_labels, label_index):
+    config = AutoModelForSequenceClassification.from_pretrained(reward_dir).config
+    config.num_labels = num_labels
+    module = AutoModelForSequenceClassification.from_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    message = (f"label_index={label_index!r} is out of range: the reward model has num_labels={num_labels}; "
+               f"pass an integer in [0, {num_labels}) naming the logit that is the score")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        RewardModel(module, tokenizer, label_index=label_index)
+
+
+def test_reward_model_with_a_tokenizer_larger_than_its_embeddings(tiny_dir, reward_dir):
+    module = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    module.resize_token_embeddings(50)
+    message = ("the reward model's tokenizer has 57 tokens but the reward model embeds only 50; pass the "
+               "tokenizer the reward model was trained with, e.g. RewardModel(model, tokenizer)")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        TextRLHFEnv(tiny_dir, prompts=PROMPTS, reward=module)  # scored with the env's tokenizer
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"batch_size": 0}, "batch_size=0 must be an integer >= 1, e.g. batch_size=32"),
+    ({"separator": None}, "separator=None must be a string, e.g. separator=' '"),
+])
+def test_reward_model_settings_are_checked(reward_dir, kwargs, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        RewardModel(reward_dir, **kwargs)

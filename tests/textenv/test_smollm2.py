@@ -35,3 +35,19 @@ def test_default_env_runs_the_embedded_smollm2_offline(monkeypatch):
     assert rewards[:-1] == [0.0] * (len(rewards) - 1) and rewards[-1] == info["score"]
     assert -1.0 <= info["score/sentiment"] <= 1.0 and info["completion"].strip()
     assert np.isfinite(info["logprob"]) and info["kl"] == 0.0
+
+
+@pytest.mark.slow
+def test_the_embedded_policy_is_a_plain_transformers_model_that_saves_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    env = gym.make("TextRLHF-v0", max_new_tokens=2)
+    model = env.unwrapped.model
+    assert getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path)  # a GGUF quantization_config in the config made this raise
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([env.unwrapped.tokenizer("Write one sentence about the sea.")["input_ids"]])
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        actual = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)

@@ -131,7 +131,7 @@ def test_restored_vector_env_continues_like_the_uninterrupted_one(tiny_dir, llam
         perturb(a.model, seed=2)
         perturb(b.model, seed=2)
     ref_forwards = []
-    a.ref_model.register_forward_pre_hook(lambda *_: ref_forwards.append(1))
+    a.ref_model.base_model.register_forward_pre_hook(lambda *_: ref_forwards.append(1))
     assert b.ref_model is a.ref_model  # loaded from the same path once per process
     kl_seen = []
     for _ in range(2 * MAX_NEW):

@@ -142,8 +142,8 @@ def test_one_batched_forward_per_step_and_one_reward_call_per_batch(tiny_dir, bo
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     vec = gym.make_vec("TextRLHF-v0", num_envs=5, model=model, reward=count, prompts=PROMPTS, max_new_tokens=4)
     forwards = {"policy": 0, "ref": 0}
-    model.register_forward_pre_hook(lambda *a: forwards.__setitem__("policy", forwards["policy"] + 1))
-    vec.ref_model.register_forward_pre_hook(lambda *a: forwards.__setitem__("ref", forwards["ref"] + 1))
+    model.base_model.register_forward_pre_hook(lambda *a: forwards.__setitem__("policy", forwards["policy"] + 1))
+    vec.ref_model.base_model.register_forward_pre_hook(lambda *a: forwards.__setitem__("ref", forwards["ref"] + 1))
     vec.reset(seed=0)
     # one prompt forward (two when the prompts share an opening: it runs once, for one row); the
     # reference borrows the identical policy's outputs
