@@ -9,6 +9,7 @@ the shared part as through any other, so this is exact for training too (up to f
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import DynamicCache

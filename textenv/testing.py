@@ -2,7 +2,8 @@
 
 A word-level tokenizer over a few dozen everyday words (some of them in VADER's lexicon, so the
 sentiment reward is not constantly zero) and a randomly initialised GPT-2, Llama or another family
-(`ARCHITECTURES`) of a few thousand parameters: enough to exercise every code path of the environment in milliseconds per step.
+(`ARCHITECTURES`) of a few thousand parameters: enough to exercise every code path of the environment
+in milliseconds per step.
 """
 
 from __future__ import annotations
