@@ -22,6 +22,7 @@ from torch import nn
 from agents.config import PPOConfig
 from textenv.compat import cache_kwargs
 from textenv.lm_head import LogitHead
+from textenv.models import quiet_transformers
 from textenv.prefix import prefix_cache, split_shared_prefix
 
 
@@ -75,13 +76,19 @@ class LMActorCritic(nn.Module):
         self.head = LogitHead.of(self.model)
         hidden = int(self.model.config.hidden_size)
         self.critic_trunk: nn.Module | None = None
+        score_head: nn.Linear | None = None
         if config.critic == "separate":
-            self.critic_trunk = _critic_trunk(self.model, config.critic_model)
+            self.critic_trunk, score_head = _critic_trunk(self.model, config.critic_model)
             hidden = int(self.critic_trunk.config.hidden_size)
         self.value_head = nn.Linear(hidden, 1)
         # zero head: initial values are 0 and the value loss does not push the shared trunk at first
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
+        if score_head is not None:  # critic from a reward model: start from its score (DeepSpeed-Chat does too)
+            with torch.no_grad():
+                self.value_head.weight.copy_(score_head.weight.float())
+                if score_head.bias is not None:
+                    self.value_head.bias.copy_(score_head.bias.float())
         self.pretraining = (
             PretrainingTexts(config.ptx_data, envs.tokenizer, config.ptx_batch_size) if config.ptx_coef > 0 else None
         )
@@ -229,10 +236,21 @@ class PretrainingTexts:
         return ids, mask
 
 
-def _critic_trunk(model: nn.Module, path: str | None) -> nn.Module:
-    """A separate critic: from a model path (e.g. a reward model) or a copy of the policy's trunk."""
-    if path is None:
-        return copy.deepcopy(model.base_model)
-    from transformers import AutoModel
+def _critic_trunk(model: nn.Module, path: str | None) -> tuple[nn.Module, nn.Linear | None]:
+    """A separate critic's trunk, and the score head to start the value head from where there is one.
 
-    return AutoModel.from_pretrained(path)
+    From a model path (e.g. a reward model: trunk and its one-output score head) or a copy of the
+    policy's trunk (no head).
+    """
+    if path is None:
+        return copy.deepcopy(model.base_model), None
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(path)
+        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        if classifier and int(config.num_labels) == 1:
+            scorer = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+            head = getattr(scorer, "score", None)
+            return scorer.base_model, head if isinstance(head, nn.Linear) and head.out_features == 1 else None
+        return AutoModel.from_pretrained(path, dtype=torch.float32), None

@@ -9,11 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from textenv.models import quiet_transformers
+
 
 def _tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(path)
 
 
 def _check_dir(path: str | os.PathLike, what: str) -> str:
@@ -28,7 +31,8 @@ def load_causal_lm(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM
 
     source = _check_dir(path, "model")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     return model, _tokenizer(source)
 
 
@@ -39,16 +43,11 @@ def load_reward_model_init(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     config gets a pad id so batched transformers pooling works where the model is used elsewhere.
     """
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging
 
     source = _check_dir(path, "model")
     tokenizer = _tokenizer(source)
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # "score.weight newly initialized" is the point here, not a warning
-    try:
+    with quiet_transformers():  # "score.weight newly initialized" is the point here, not a warning
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
-    finally:
-        logging.set_verbosity(verbosity)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
@@ -60,6 +59,7 @@ def save_model(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike) 
     """``save_pretrained`` of model and tokenizer into ``output_dir`` (created if needed)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with quiet_transformers():
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return out

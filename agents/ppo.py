@@ -642,10 +642,13 @@ class PPO:
         model = getattr(self.policy, "model", None)
         if model is None or not hasattr(model, "save_pretrained"):
             raise ValueError("save_pretrained needs a language-model policy (a TextRLHF-v0 env); use save() instead")
-        model.save_pretrained(directory)
-        tokenizer = getattr(self.envs, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        from textenv.models import quiet_transformers
+
+        with quiet_transformers():
+            model.save_pretrained(directory)
+            tokenizer = getattr(self.envs, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
 
     def close(self) -> None:
         self.envs.close()

@@ -35,11 +35,11 @@ from agents.finetune import (
     bucket_batches,
     pad_right,
     parse_overrides,
-    positions,
     print_settings,
     train_loop,
 )
 from agents.text_data import Comparison, load_comparisons, split_by_prompt
+from textenv.rewards import classifier_logits
 
 SEPARATOR = " "
 """Between prompt and completion: the default ``separator`` of ``textenv.rewards.RewardModel``."""
@@ -71,28 +71,15 @@ def texts_of(comparison: Comparison) -> list[str]:
     return [comparison.prompt + SEPARATOR + answer for answer in comparison.ranked]
 
 
-def score_head(model: nn.Module) -> nn.Module:
-    """The linear layer that turns a hidden state into the score (``score`` in GPT-2, Llama, Qwen2, ...)."""
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    raise ValueError(f"{type(model).__name__} has no 'score' or 'classifier' head; use a decoder-only classifier")
-
-
 def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` scores: the head applied to the hidden state at each row's last real token.
+    """``[B]`` scores read at each row's last real token: what the env's ``RewardModel`` computes.
 
     The position comes from the attention mask, never from the pad id (pad == EOS in many models,
-    and a text may end with it); position ids count real tokens, so left and right padding agree.
+    and a text may end with it).
     """
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=False
-    ).last_hidden_state
-    columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device).expand_as(attention_mask)
-    last = torch.where(attention_mask.bool(), columns, -1).max(-1).values
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return score_head(model)(pooled).squeeze(-1).float()
+    if not isinstance(getattr(model, "score", None), nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear 'score' head; use a decoder-only classifier")
+    return classifier_logits(model, input_ids, attention_mask)[:, 0].float()
 
 
 def ranking_loss(scores: torch.Tensor, num_answers: Sequence[int]) -> torch.Tensor:

@@ -68,8 +68,13 @@ def run_ppo(sft_dir: str, rm_dir: str, minutes: float, seed: int, logdir: str) -
     return agent, history, time.perf_counter() - start
 
 
-def save_plot(sft_history: list, rm_history: list, ppo_history: list, before: float, path: Path) -> None:
-    import matplotlib
+def save_plot(sft_history: list, rm_history: list, ppo_history: list, before: float, path: Path) -> bool:
+    """The three stages' curves in one PNG; False (and a note) without matplotlib."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        print("no plot: matplotlib is not installed (pip install -e '.[examples]')")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,6 +97,7 @@ def save_plot(sft_history: list, rm_history: list, ppo_history: list, before: fl
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    return True
 
 
 def main() -> None:
@@ -141,8 +147,9 @@ def main() -> None:
           f"{before:+.3f} +/- {before_sem:.3f} -> {after:+.3f} +/- {after_sem:.3f}; KL {kl3:.2f} nats per "
           f"completion (last 3 training batches)")
     print("wall time per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
-    save_plot(sft_metrics["history"], rm_metrics["history"], ppo_history, before, Path(args.plot))
-    print(f"plot written to {args.plot}; TensorBoard logs in {work}/tb_*")
+    if save_plot(sft_metrics["history"], rm_metrics["history"], ppo_history, before, Path(args.plot)):
+        print(f"plot written to {args.plot}")
+    print(f"TensorBoard logs in {work}/tb_*")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ __all__ = [
     "RewardFn",
     "RewardSet",
     "RewardModel",
+    "classifier_logits",
     "SentimentReward",
     "LengthReward",
     "KeywordReward",
@@ -151,9 +152,29 @@ class RewardModel:
                 batch[i, : len(row)] = torch.tensor(row)
                 mask[i, : len(row)] = 1
             with torch.no_grad():
-                logits = self.model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits
+                logits = classifier_logits(self.model, batch.to(device), mask.to(device))
             scores += logits[:, self.label_index].float().tolist()
         return scores
+
+
+def classifier_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, num_labels]`` logits of a sequence classifier, read at each row's last real token.
+
+    Decoder classifiers (a linear ``score`` on the trunk: GPT-2, Llama, Qwen2, ...) are pooled here
+    from the attention mask: transformers infers the last token from the pad id, which is wrong
+    when pad == EOS and a text ends with it. Position ids count real tokens, so left and right
+    padding score alike. Other classifiers (BERT-style, pooled at the first token) run as they are.
+    """
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
+    ).last_hidden_state
+    columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device).expand_as(attention_mask)
+    last = torch.where(attention_mask.bool(), columns, -1).max(-1).values
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
 
 def _label_index(label_index: Any, num_labels: int) -> int:

@@ -118,7 +118,7 @@ def test_env_reads_the_same_score_and_prefers_the_chosen_side(trained):
     assert ours[1::2].tolist() == pytest.approx(env_rejected.tolist(), abs=1e-5)
 
 
-def test_a_critic_from_the_reward_model_starts_from_its_trunk(trained):
+def test_a_critic_from_the_reward_model_starts_from_its_weights(trained):
     base, out, _ = trained
     envs = gym.make_vec("TextRLHF-v0", num_envs=2, model=str(base), reward=str(out), max_new_tokens=4)
     agent = PPO(envs, PPOConfig(critic="separate", critic_model=str(out), num_envs=2, num_steps=4))
@@ -129,6 +129,15 @@ def test_a_critic_from_the_reward_model_starts_from_its_trunk(trained):
     got = agent.policy.critic_trunk.state_dict()
     assert set(got) == set(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # the value head is the RM's score head: before training, the critic's value is the RM score
+    assert torch.equal(agent.policy.value_head.weight, rm.score.weight)
+    obs, _ = envs.reset(seed=0)
+    with torch.no_grad():
+        values = agent.policy.value(agent.policy.preprocess(obs))
+        scores = reward_model.sequence_scores(rm, torch.as_tensor(obs["input_ids"]),
+                                              torch.as_tensor(obs["attention_mask"]))
+    assert values.tolist() == pytest.approx(scores.tolist(), abs=1e-5)
+    assert values.abs().max() > 0
     agent.close()
 
 

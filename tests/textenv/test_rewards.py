@@ -113,6 +113,23 @@ def test_reward_model_scores_do_not_depend_on_the_batch(reward_dir):
     np.testing.assert_allclose(batched, alone, atol=1e-5)
 
 
+def test_reward_model_reads_the_last_real_token_even_when_it_is_the_pad_id(reward_dir):
+    """pad == EOS is common; a text ending in EOS is scored at that EOS, padded or not."""
+    module = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    module.config.pad_token_id = tokenizer.eos_token_id
+    scorer = RewardModel(module, tokenizer)
+    text = "the sea is calm" + tokenizer.eos_token
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        hidden = module.base_model(input_ids=ids).last_hidden_state[:, -1]
+        at_eos = float(module.score(hidden)[0, 0])
+    batched = scorer([text, "good"], ["", ""])  # right padded with the EOS id
+    assert scorer([text], [""])[0] == pytest.approx(at_eos, abs=1e-5)
+    assert batched[0] == pytest.approx(at_eos, abs=1e-5)
+
+
 def test_reward_model_module_uses_the_env_tokenizer(tiny_dir, reward_dir):
     module = AutoModelForSequenceClassification.from_pretrained(reward_dir)
     env = TextRLHFEnv(tiny_dir, prompts=PROMPTS, reward=module, max_new_tokens=1, reward_clip=None)
