@@ -100,6 +100,19 @@ class PPOConfig:
     critic_model: str | None = None
     """With ``critic="separate"``: a model path to initialise the critic's trunk from (e.g. a reward
     model); ``None`` copies the policy's starting trunk."""
+    lora_r: int = 0
+    """Language-model policies: rank of LoRA adapters (through ``peft``); 0 is full fine-tuning. With
+    LoRA only the adapters and the value head train, and the env's KL reference is the base model
+    with the adapters switched off: no second copy of the weights."""
+    lora_alpha: float = 32.0
+    """LoRA scaling numerator: the adapter output is multiplied by ``lora_alpha / lora_r``."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (off in rollouts and in the PPO ratio, which run in eval mode)."""
+    lora_target_modules: str | tuple[str, ...] = "all-linear"
+    """Which layers get adapters: ``"all-linear"`` (every linear layer but the output layer) or module
+    names such as ``("q_proj", "v_proj")``."""
+    lora_config: Any = None
+    """A ready ``peft.LoraConfig`` (or its dict), used instead of the ``lora_*`` fields."""
     ptx_coef: float = 0.0
     """Language-model policies: weight of the pre-training loss mixed into every update
     (InstructGPT's PPO-ptx); 0 turns it off."""
@@ -186,7 +199,26 @@ class PPOConfig:
         """Plain fields as a JSON-ready dict (what checkpoints and the CLI print)."""
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         data["hidden_sizes"] = list(self.hidden_sizes)
+        if isinstance(self.lora_target_modules, tuple):
+            data["lora_target_modules"] = list(self.lora_target_modules)
+        if self.lora_config is not None:
+            data["lora_config"] = _plain(self.lora_config.to_dict())
         return data
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the language-model policy trains LoRA adapters instead of all weights."""
+        return self.lora_r > 0 or self.lora_config is not None
+
+    def peft_config(self) -> Any:
+        """The ``peft.LoraConfig`` for the policy: ``lora_config`` or one made from the ``lora_*`` fields."""
+        from peft import LoraConfig
+
+        if self.lora_config is not None:
+            return self.lora_config
+        targets = self.lora_target_modules
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=targets if isinstance(targets, str) else list(targets))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PPOConfig:
@@ -196,6 +228,19 @@ class PPOConfig:
         for key in data:
             check_field_name(key)
         return cls(**data)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: sets and tuples become lists, enums their values, other objects their str."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    enum_value = getattr(value, "value", None)
+    return enum_value if isinstance(enum_value, (str, int)) else str(value)
 
 
 # ---------------------------------------------------------------------- field rules
@@ -218,6 +263,16 @@ def _is_texts(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(text, str) for text in value)
 
 
+def _is_modules(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    return isinstance(value, tuple) and len(value) > 0 and all(isinstance(m, str) and m for m in value)
+
+
+def _is_lora_config(value: Any) -> bool:
+    return value is None or type(value).__name__ == "LoraConfig"
+
+
 _KINDS: dict[str, tuple[str, Any]] = {
     "positive_int": ("a positive integer", lambda v: _is_int(v) and v >= 1),
     "count": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
@@ -232,6 +287,9 @@ _KINDS: dict[str, tuple[str, Any]] = {
     "widths": ("a non-empty tuple of positive layer widths", _is_widths),
     "path_or_none": ("a model path (str) or None", lambda v: v is None or isinstance(v, (str, os.PathLike))),
     "texts": ("a .txt path, a list of texts, or None", _is_texts),
+    "dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "modules": ("'all-linear' or a non-empty tuple of module names", _is_modules),
+    "lora_config": ("a peft.LoraConfig, its dict, or None", _is_lora_config),
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -258,6 +316,8 @@ FIELD_RULES: dict[str, tuple[str, Any]] = {
     "ptx_coef": ("non_negative", 0.1), "ptx_data": ("texts", "pretrain.txt"), "ptx_batch_size": ("positive_int", 4),
     "log_std_init": ("finite", -0.5), "adam_eps": ("positive", 1e-5), "vectorization": ("choice", "sync"),
     "seed": ("seed", 0), "torch_threads": ("positive_int_or_none", 4), "max_nonfinite_steps": ("count", 3),
+    "lora_r": ("count", 16), "lora_alpha": ("positive", 32.0), "lora_dropout": ("dropout", 0.05),
+    "lora_target_modules": ("modules", "all-linear"), "lora_config": ("lora_config", None),
 }
 
 
@@ -267,6 +327,12 @@ def _normalise(name: str, value: Any) -> Any:
         value = value.item()
     if name == "hidden_sizes" and isinstance(value, (list, tuple)):
         value = tuple(w.item() if isinstance(w, np.integer) else w for w in value)
+    if name == "lora_target_modules" and isinstance(value, list):
+        value = tuple(value)
+    if name == "lora_config" and isinstance(value, dict):
+        from peft import LoraConfig
+
+        value = LoraConfig(**value)
     return value
 
 
@@ -284,13 +350,13 @@ def check_field(name: str, value: Any) -> None:
 
 def _wrong_type(kind: str, value: Any) -> str:
     """``", not a str"`` when the type (rather than the size) is what is wrong."""
-    numeric = kind not in ("bool", "widths", "path_or_none", "texts")
+    numeric = kind not in ("bool", "widths", "path_or_none", "texts", "modules", "lora_config")
     integral = kind in ("positive_int", "count", "seed", "positive_int_or_none")
     if value is None or (numeric and _is_int(value)) or (numeric and not integral and isinstance(value, float)):
         return ""
     if kind == "bool" and isinstance(value, bool):
         return ""
-    if kind == "widths" and isinstance(value, tuple):
+    if kind in ("widths", "modules") and isinstance(value, (tuple, str)):
         return ""
     name = type(value).__name__
     return f", not {'an' if name[0] in 'aeiou' else 'a'} {name}"

@@ -20,6 +20,7 @@ from gymnasium import spaces
 from torch import nn
 
 from agents.config import PPOConfig
+from agents.lora import attach_lora, critic_lora_config
 from textenv.compat import cache_kwargs
 from textenv.lm_head import LogitHead
 from textenv.models import quiet_transformers
@@ -72,13 +73,26 @@ class LMActorCritic(nn.Module):
         self.sampling = (float(envs.temperature), int(getattr(envs, "top_k", 0)), float(getattr(envs, "top_p", 1.0)))
         self.truncated = self.sampling[1] > 0 or self.sampling[2] < 1.0
         self.entropy_bonus = config.ent_coef > 0
+        self.critic_trunk: nn.Module | None = None
+        score_head: nn.Linear | None = None
+        if config.critic == "separate":  # before any adapters: a copied trunk starts from the base weights
+            self.critic_trunk, score_head = _critic_trunk(self.model, config.critic_model)
+        self.adapters: Any = None  # the peft model around self.model under LoRA
+        self.critic_adapters: Any = None
+        if config.uses_lora:
+            if not callable(getattr(envs, "use_lora_reference", None)):
+                raise ValueError(
+                    f"PPOConfig(lora_r={config.lora_r}) needs a TextRLHF-v0 env, whose KL reference can be the "
+                    f"policy with its adapters off; {type(envs).__name__} has no use_lora_reference()"
+                )
+            self.adapters = attach_lora(self.model, config.peft_config())
+            envs.use_lora_reference(self.adapters)
+            if self.critic_trunk is not None:
+                self.critic_adapters = attach_lora(self.critic_trunk, critic_lora_config(config.peft_config()))
         # the env samples and scores its KL with this very head: the PPO ratio compares one distribution
         self.head = LogitHead.of(self.model)
         hidden = int(self.model.config.hidden_size)
-        self.critic_trunk: nn.Module | None = None
-        score_head: nn.Linear | None = None
-        if config.critic == "separate":
-            self.critic_trunk, score_head = _critic_trunk(self.model, config.critic_model)
+        if self.critic_trunk is not None:
             hidden = int(self.critic_trunk.config.hidden_size)
         self.value_head = nn.Linear(hidden, 1)
         # zero head: initial values are 0 and the value loss does not push the shared trunk at first

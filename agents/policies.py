@@ -144,4 +144,9 @@ def make_policy_for_env(envs: Any, config: PPOConfig) -> nn.Module:
 
     if is_token_env(envs):
         return LMActorCritic(envs, config)
+    if config.uses_lora:
+        raise ValueError(
+            f"PPOConfig.lora_r={config.lora_r} (LoRA) applies to language-model policies on a TextRLHF-v0 env; "
+            "the MLP policy trains all its weights: set lora_r=0"
+        )
     return make_policy(envs.single_observation_space, envs.single_action_space, config)

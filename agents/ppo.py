@@ -6,6 +6,7 @@ hides how they are stored, and this file only runs the algorithm (Schulman et al
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from agents.config import PPOConfig, replace, resolve_config
 from agents.envs import autoreset_mode, env_id_of, make_vector_env, single_env_copy, token_eval_env
 from agents.errors import NonFiniteError, all_finite, first_nonfinite, nonfinite_tensor
 from agents.logger import Logger, episode_info_metrics, episode_samples
+from agents.lora import trainable_parameters
 from agents.losses import clipped_surrogate, kl_penalty_surrogate, masked_mean, value_loss
 from agents.normalize import ObservationNormalizer, RewardScaler
 from agents.policies import make_policy_for_env
@@ -70,7 +72,7 @@ class PPO:
         obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
         self.policy = make_policy_for_env(self.envs, cfg)
         self._sequence_policy = getattr(self.policy, "sequence_model", False)
-        self._parameters = list(self.policy.parameters())
+        self._parameters = trainable_parameters(self.policy)  # under LoRA: adapters and value head
         self.optimizer = _adam(self._parameters, lr=cfg.learning_rate, eps=cfg.adam_eps)
         if cfg.norm_obs and not isinstance(obs_space, gym.spaces.Box):
             raise ValueError(f"norm_obs=True needs a Box observation space, not {obs_space}; set norm_obs=False")
@@ -358,7 +360,7 @@ class PPO:
             stats["losses/ptx_loss"] = ptx_loss.item()
             total_loss += cfg.ptx_coef * stats["losses/ptx_loss"]
         # the norm before clipping: NaN or inf if any gradient is (clipping would spread it to all)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm, foreach=True))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self._parameters, cfg.max_grad_norm, foreach=True))
         if not (np.isfinite(total_loss) and np.isfinite(grad_norm)):
             self._skip_or_raise(total_loss, grad_norm, where)
             return None
@@ -637,15 +639,30 @@ class PPO:
         checkpoint.restore_agent(agent, state, path)
         return agent
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
-        """Write the trained language model (and its tokenizer) as a plain transformers directory."""
+    def save_pretrained(self, directory: str | os.PathLike[str], *, merged: bool = False) -> None:
+        """Write the trained language model (and its tokenizer) for transformers / peft to load.
+
+        Full fine-tuning writes a plain transformers directory. Under LoRA the adapters are written
+        in peft's format (``PeftModel.from_pretrained(base, directory)``); ``merged=True`` writes
+        instead a plain transformers model with the adapters merged into the weights (made on a copy:
+        the agent keeps training with its adapters).
+        """
+        from textenv.models import quiet_transformers
+
         model = getattr(self.policy, "model", None)
         if model is None or not hasattr(model, "save_pretrained"):
             raise ValueError("save_pretrained needs a language-model policy (a TextRLHF-v0 env); use save() instead")
-        from textenv.models import quiet_transformers
-
+        adapters = getattr(self.policy, "adapters", None)
+        if merged and adapters is None:
+            raise ValueError("save_pretrained(merged=True) merges LoRA adapters; this agent has none "
+                             "(PPOConfig.lora_r=0): call save_pretrained(directory)")
         with quiet_transformers():
-            model.save_pretrained(directory)
+            if adapters is None:
+                model.save_pretrained(directory)
+            elif merged:
+                copy.deepcopy(adapters).merge_and_unload().save_pretrained(directory)
+            else:
+                adapters.save_pretrained(directory)
             tokenizer = getattr(self.envs, "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(directory)

@@ -16,16 +16,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters import AdapterReference, adapters_off_context
 from .config import TextEnvConfig, check_context, check_tokenizer_size, eos_ids
 from .decoding import DecodeState
 from .errors import ConfigError, NonFiniteError
 from .kl import KLController, as_kl_controller, kl_estimates, restrict_to_support
+from .lm_head import LogitHead
 from .models import (
     Shared,
     load_policy,
     load_tokenizer,
     model_config,
     model_source,
+    release_reference,
     same_weights,
     target_device,
     weights_version,
@@ -148,11 +151,7 @@ class Engine:
     def __init__(self, parts: Components, num_rows: int) -> None:
         cfg = parts.config
         self.parts, self.cfg, self.num_rows = parts, cfg, num_rows
-        common = {"num_rows": num_rows, "temperature": cfg.temperature, "pad_id": parts.pad_id}
-        # the reference is scored at the temperature alone; with top-k / top-p it is renormalised
-        # over the tokens the policy can sample (see `step`), so the KL compares the same support
-        self.policy = DecodeState(parts.policy, track_weights=True, top_k=cfg.top_k, top_p=cfg.top_p, **common)
-        self.ref = DecodeState(parts.reference, track_weights=False, **common)
+        self.policy, self.ref = self._decode_states()
         self._truncated = cfg.top_k > 0 or cfg.top_p < 1.0
         self.obs_ids = np.full((num_rows, cfg.obs_length), parts.pad_id, dtype=np.int64)
         self.obs_mask = np.zeros((num_rows, cfg.obs_length), dtype=np.int64)
@@ -162,9 +161,46 @@ class Engine:
         self.active = np.zeros(num_rows, dtype=bool)
         self._eos = np.array(parts.eos_ids, dtype=np.int64)
         self._verified: tuple[int, int] | None = None
-        if same_weights(self.policy.params, self.ref.params):
+        self._mirror_if_same()
+
+    def _decode_states(self) -> tuple[DecodeState, DecodeState]:
+        cfg, parts = self.cfg, self.parts
+        common = {"num_rows": self.num_rows, "temperature": cfg.temperature, "pad_id": parts.pad_id}
+        # the reference is scored at the temperature alone; with top-k / top-p it is renormalised
+        # over the tokens the policy can sample (see `step`), so the KL compares the same support
+        policy = DecodeState(parts.policy, track_weights=True, top_k=cfg.top_k, top_p=cfg.top_p, **common)
+        module, adapters_off = adapters_off_context(parts.reference)
+        return policy, DecodeState(module, track_weights=False, adapters_off=adapters_off, **common)
+
+    @property
+    def _adapter_reference(self) -> bool:
+        return isinstance(self.parts.reference, AdapterReference)
+
+    def _mirror_if_same(self) -> None:
+        # an adapter reference shares the policy's parameters, so equal tensors say nothing there: it
+        # always runs its own forwards (exactly the policy's while the adapters are still zero)
+        if not self._adapter_reference and same_weights(self.policy.params, self.ref.params):
             self.ref.mirror = self.policy
             self._verified = weights_version(self.policy.params)
+
+    def use_reference(self, reference: nn.Module) -> None:
+        """Score the KL against `reference` from now on (e.g. an `AdapterReference` once LoRA is on).
+
+        Both decode states are rebuilt, since the policy's modules may have changed (adapters
+        injected), and episodes in flight are recomputed from their tokens.
+        """
+        ids, mask = self.policy.ids, self.policy.mask
+        LogitHead.forget(self.parts.policy)
+        self.policy.clear()
+        self.ref.clear()
+        self.parts.reference = reference
+        self.policy, self.ref = self._decode_states()
+        self._verified = None
+        self._mirror_if_same()
+        if ids.shape[1]:
+            self.policy.restore(ids, mask)
+            self.ref.restore(ids, mask)
+            self._check_outputs()
 
     def _check_reference(self, *, sampled: bool = False, replacing_all: bool = False) -> None:
         """While the policy still has the reference's weights, the reference borrows its outputs.
@@ -391,7 +427,7 @@ class Engine:
         self.obs_ids, self.obs_mask = saved["obs_ids"], saved["obs_mask"]
         self.prompt_index, self.responses = saved["prompt_index"], saved["responses"]
         self.kl_sum, self.active = saved["kl_sum"], saved["active"]
-        mirror = saved["mirror"] and same_weights(self.policy.params, self.ref.params)
+        mirror = saved["mirror"] and not self._adapter_reference and same_weights(self.policy.params, self.ref.params)
         self.ref.mirror = self.policy if mirror else None
         self._verified = weights_version(self.policy.params) if mirror else None
         ids, mask = torch.from_numpy(saved["token_ids"]), torch.from_numpy(saved["token_mask"])
@@ -437,8 +473,31 @@ class TextEnvAttributes:
 
     @property
     def ref_model(self) -> nn.Module:
-        """Frozen copy of the policy's starting weights (eval mode, requires_grad False)."""
+        """The KL reference: a frozen copy of the policy's starting weights (eval mode, requires_grad
+        False), or with LoRA an `AdapterReference`, the policy itself with its adapters off (no copy)."""
         return self._parts.reference
+
+    def use_lora_reference(self, peft_model: Any) -> None:
+        """Score the KL against the policy with its LoRA adapters off, and drop the frozen copy.
+
+        `peft_model` is the `peft.PeftModel` made from this env's own policy (`env.model`), e.g. by
+        `get_peft_model(env.model, LoraConfig(...))`, which injects the adapters in place. The
+        reference is then the base model at no memory cost; envs re-created from this env's spec
+        (evaluation copies, `check_env`) share it.
+        """
+        get_base = getattr(peft_model, "get_base_model", None)
+        if get_base is None or get_base() is not self.model:
+            raise ConfigError(
+                "use_lora_reference(peft_model) needs the peft model made from this env's policy: "
+                "peft_model = get_peft_model(env.model, LoraConfig(...))"
+            )
+        old = self._parts.reference
+        reference = AdapterReference(peft_model)
+        self._engine.use_reference(reference)
+        handle = self._parts.handles.get("model")
+        if handle is not None:
+            handle.references = dict.fromkeys(handle.references or [None], reference)
+        release_reference(old)
 
     @property
     def tokenizer(self) -> Any:

@@ -8,6 +8,9 @@ what the same sequence computes alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -38,8 +41,11 @@ class DecodeState:
         track_weights: bool,
         top_k: int = 0,
         top_p: float = 1.0,
+        adapters_off: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         self.model = model
+        # the LoRA reference: the policy's own modules, run with their adapters switched off
+        self._context = adapters_off or nullcontext
         self.num_rows = num_rows
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.pad_id = pad_id
@@ -66,7 +72,7 @@ class DecodeState:
         # position of each new token = number of real tokens before it in its own row
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         trunk = self.head.trunk
-        with torch.no_grad(), eval_mode(self._modules):
+        with torch.no_grad(), eval_mode(self._modules), self._context():
             out = trunk(
                 input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 **cache_kwargs(trunk, cache),
@@ -89,7 +95,7 @@ class DecodeState:
         """
         shared = split_shared_prefix(ids, mask)
         if shared is not None:
-            with torch.no_grad(), eval_mode(self._modules):
+            with torch.no_grad(), eval_mode(self._modules), self._context():
                 cache = prefix_cache(self.head.trunk, shared, ids.shape[0])
             if cache is not None:
                 cache, logprobs, hidden = self._forward(shared.rest_ids, shared.mask, cache)

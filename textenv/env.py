@@ -251,5 +251,6 @@ class TextRLHFEnv(TextEnvAttributes, gym.Env):
         return text
 
     def close(self) -> None:
-        self._engine.close()
+        if hasattr(self, "_engine"):  # construction may have failed before the engine existed
+            self._engine.close()
         self._running = False

@@ -59,6 +59,11 @@ class LogitHead:
             _HEADS[model] = head
         return head
 
+    @classmethod
+    def forget(cls, model: nn.Module) -> None:
+        """Drop the head made for `model`, whose modules changed (e.g. LoRA adapters were injected)."""
+        _HEADS.pop(model, None)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] (the trunk's last hidden state) -> logits [..., V], as the model's forward makes them."""
         logits = self.output(hidden)

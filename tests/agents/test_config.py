@@ -112,7 +112,7 @@ def test_every_field_has_a_type_and_range_rule():
 
 
 NUMERIC = [name for name, (kind, _) in FIELD_RULES.items()
-           if kind not in ("bool", "choice", "widths", "path_or_none", "texts")]
+           if kind not in ("bool", "choice", "widths", "path_or_none", "texts", "modules", "lora_config")]
 INTEGER = [name for name, (kind, _) in FIELD_RULES.items()
            if kind in ("positive_int", "count", "seed", "positive_int_or_none")]
 BOOLEAN = [name for name, (kind, _) in FIELD_RULES.items() if kind == "bool"]

@@ -88,7 +88,9 @@ def direct_scores(reward_dir: str, texts: list[str]) -> list[float]:
     model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
     with torch.no_grad():
-        return [float(model(**tokenizer(t, return_tensors="pt")).logits[0, 0]) for t in texts]
+        # token type ids off: transformers 4.x tokenizers return them and GPT-2 adds an embedding for them
+        return [float(model(**tokenizer(t, return_tensors="pt", return_token_type_ids=False)).logits[0, 0])
+                for t in texts]
 
 
 def test_reward_model_path_scores_prompt_plus_completion(tiny_dir, reward_dir):
