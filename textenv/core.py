@@ -176,10 +176,16 @@ class Engine:
     def _adapter_reference(self) -> bool:
         return isinstance(self.parts.reference, AdapterReference)
 
+    def _same_as_policy(self) -> bool:
+        """Whether the reference holds the policy's very weights, so it may borrow the policy's outputs.
+
+        An adapter reference shares the policy's parameters, so equal tensors say nothing there: it
+        always runs its own forwards (exactly the policy's while the adapters are still zero).
+        """
+        return not self._adapter_reference and same_weights(self.policy.params, self.ref.params)
+
     def _mirror_if_same(self) -> None:
-        # an adapter reference shares the policy's parameters, so equal tensors say nothing there: it
-        # always runs its own forwards (exactly the policy's while the adapters are still zero)
-        if not self._adapter_reference and same_weights(self.policy.params, self.ref.params):
+        if self._same_as_policy():
             self.ref.mirror = self.policy
             self._verified = weights_version(self.policy.params)
 
@@ -427,7 +433,7 @@ class Engine:
         self.obs_ids, self.obs_mask = saved["obs_ids"], saved["obs_mask"]
         self.prompt_index, self.responses = saved["prompt_index"], saved["responses"]
         self.kl_sum, self.active = saved["kl_sum"], saved["active"]
-        mirror = saved["mirror"] and not self._adapter_reference and same_weights(self.policy.params, self.ref.params)
+        mirror = saved["mirror"] and self._same_as_policy()
         self.ref.mirror = self.policy if mirror else None
         self._verified = weights_version(self.policy.params) if mirror else None
         ids, mask = torch.from_numpy(saved["token_ids"]), torch.from_numpy(saved["token_mask"])

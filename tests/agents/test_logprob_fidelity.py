@@ -32,18 +32,9 @@ def _agent(model_dir, **env_kwargs):
 
 
 @pytest.mark.parametrize("sampling", [{}, {"top_k": 8, "top_p": 0.9}], ids=["full", "truncated"])
-def test_ratio_is_one_and_nothing_clips_before_the_first_step(family_dir, sampling):
+def test_ratio_is_one_and_nothing_clips_before_the_first_step(family_dir, sampling, first_rollout_log_ratios):
     agent = _agent(family_dir, **sampling)
-    with torch.inference_mode():
-        agent.collect_rollout()
-    buf = agent.buffer
-    n = buf.num_steps * buf.num_envs
-    real = buf.mask.reshape(n) > 0
-    with torch.no_grad():
-        logprob, _, _ = agent.policy.evaluate(
-            buf.obs.reshape(n, *buf.obs.shape[2:]), buf.actions.reshape(n), buf.episode_ids().reshape(n)
-        )
-    log_ratio = (logprob - buf.logprobs.reshape(n))[real]
+    log_ratio, buf = first_rollout_log_ratios(agent)
     assert log_ratio.abs().max() < 1e-5
     # the same through PPO's own update: one minibatch, its statistics taken before the step
     buf.compute_advantages(torch.zeros(buf.num_envs), gamma=1.0, gae_lambda=0.95, estimator="gae")

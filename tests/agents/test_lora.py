@@ -74,19 +74,11 @@ def test_the_reference_is_the_base_model_with_no_copy_of_the_weights(llama_dir):
     assert all(v is not copy_before for v in textenv.models._REFERENCES.values())
 
 
-def test_ratio_is_one_and_the_kl_zero_before_the_first_step(llama_dir):
+def test_ratio_is_one_and_the_kl_zero_before_the_first_step(llama_dir, first_rollout_log_ratios):
     agent = PPO(_envs(llama_dir, temperature=0.9), _config())
-    with torch.inference_mode():
-        agent.collect_rollout()
-    buf = agent.buffer
-    n = buf.num_steps * buf.num_envs
-    real = buf.mask.reshape(n) > 0
-    with torch.no_grad():
-        logprob, _, _ = agent.policy.evaluate(
-            buf.obs.reshape(n, *buf.obs.shape[2:]), buf.actions.reshape(n), buf.episode_ids().reshape(n)
-        )
-    assert (logprob - buf.logprobs.reshape(n))[real].abs().max() < 1e-5
-    assert buf.rewards.reshape(n)[real].abs().max() > 0  # the length score, with exactly 0 KL beside it
+    log_ratio, buf = first_rollout_log_ratios(agent)
+    assert log_ratio.abs().max() < 1e-5
+    assert buf.rewards[buf.mask > 0].abs().max() > 0  # the length score, with exactly 0 KL beside it
     buf.compute_advantages(torch.zeros(buf.num_envs), gamma=1.0, gae_lambda=0.95, estimator="gae")
     stats = agent.update()
     assert stats["losses/clipfrac"] == 0.0
