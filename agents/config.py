@@ -107,12 +107,16 @@ class PPOConfig:
     lora_alpha: float = 32.0
     """LoRA scaling numerator: the adapter output is multiplied by ``lora_alpha / lora_r``."""
     lora_dropout: float = 0.0
-    """Dropout on the adapters' input (off in rollouts and in the PPO ratio, which run in eval mode)."""
+    """Dropout on the adapters' input, for other trainers' configs: PPO runs the policy in eval mode, so
+    it is off in rollouts, in the KL and in the ratio (TRL's PPO turns dropout off as well)."""
     lora_target_modules: str | tuple[str, ...] = "all-linear"
     """Which layers get adapters: ``"all-linear"`` (every linear layer but the output layer) or module
     names such as ``("q_proj", "v_proj")``."""
     lora_config: Any = None
     """A ready ``peft.LoraConfig`` (or its dict), used instead of the ``lora_*`` fields."""
+    gradient_checkpointing: bool = False
+    """Language-model policies: keep only each block's input in the update forward and recompute the
+    rest during the backward (transformers' activation checkpointing): less memory, more compute."""
     ptx_coef: float = 0.0
     """Language-model policies: weight of the pre-training loss mixed into every update
     (InstructGPT's PPO-ptx); 0 turns it off."""
@@ -318,6 +322,7 @@ FIELD_RULES: dict[str, tuple[str, Any]] = {
     "seed": ("seed", 0), "torch_threads": ("positive_int_or_none", 4), "max_nonfinite_steps": ("count", 3),
     "lora_r": ("count", 16), "lora_alpha": ("positive", 32.0), "lora_dropout": ("dropout", 0.05),
     "lora_target_modules": ("modules", "all-linear"), "lora_config": ("lora_config", None),
+    "gradient_checkpointing": ("bool", True),
 }
 
 
@@ -332,7 +337,13 @@ def _normalise(name: str, value: Any) -> Any:
     if name == "lora_config" and isinstance(value, dict):
         from peft import LoraConfig
 
-        value = LoraConfig(**value)
+        try:
+            value = LoraConfig(**value)
+        except TypeError as error:  # an unknown key: peft names it
+            raise ValueError(
+                f"PPOConfig.lora_config={value!r} is not a valid peft.LoraConfig ({error}); pass the keyword "
+                f"arguments of peft.LoraConfig, e.g. {{'r': 16, 'lora_alpha': 32, 'target_modules': 'all-linear'}}"
+            ) from None
     return value
 
 

@@ -19,6 +19,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
+from agents.activation_checkpointing import blocks_recomputed, checkpointed_blocks
 from agents.config import PPOConfig
 from agents.lora import attach_lora, critic_lora_config
 from textenv.compat import cache_kwargs
@@ -85,12 +86,19 @@ class LMActorCritic(nn.Module):
                     f"PPOConfig(lora_r={config.lora_r}) needs a TextRLHF-v0 env, whose KL reference can be the "
                     f"policy with its adapters off; {type(envs).__name__} has no use_lora_reference()"
                 )
-            self.adapters = attach_lora(self.model, config.peft_config())
+            lora_config = config.peft_config()
+            self.adapters = attach_lora(self.model, lora_config)
             envs.use_lora_reference(self.adapters)
             if self.critic_trunk is not None:
-                self.critic_adapters = attach_lora(self.critic_trunk, critic_lora_config(config.peft_config()))
+                self.critic_adapters = attach_lora(self.critic_trunk, critic_lora_config(lora_config))
+                self.critic_trunk.eval()
+            # the injected adapter layers too: their dropout stays off, as TRL's PPO turns dropout off
+            self.model.eval()
         # the env samples and scores its KL with this very head: the PPO ratio compares one distribution
         self.head = LogitHead.of(self.model)
+        self.checkpointed = checkpointed_blocks(
+            [self.model] + ([self.critic_trunk] if self.critic_trunk is not None else [])
+        ) if config.gradient_checkpointing else []
         hidden = int(self.model.config.hidden_size)
         if self.critic_trunk is not None:
             hidden = int(self.critic_trunk.config.hidden_size)
@@ -131,6 +139,10 @@ class LMActorCritic(nn.Module):
         self, trunk: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
     ) -> torch.Tensor:
         """Last-layer hidden states ``[B, H]`` at ``(rows, cols)``; a prompt opening all rows share runs once."""
+        if self.checkpointed and torch.is_grad_enabled():
+            # a recomputed block would append its keys to the prefix cache a second time: run whole rows
+            with blocks_recomputed(self.checkpointed):
+                return self._trunk_hidden(trunk, ids, mask)[rows, cols]
         rank = (mask.cumsum(-1) - 1)[rows, cols]  # the queried tokens must come after the shared part
         shared = split_shared_prefix(ids, mask, limit=int(rank.min()))
         cache = prefix_cache(trunk, shared, ids.shape[0]) if shared is not None else None

@@ -149,4 +149,9 @@ def make_policy_for_env(envs: Any, config: PPOConfig) -> nn.Module:
             f"PPOConfig.lora_r={config.lora_r} (LoRA) applies to language-model policies on a TextRLHF-v0 env; "
             "the MLP policy trains all its weights: set lora_r=0"
         )
+    if config.gradient_checkpointing:
+        raise ValueError(
+            "PPOConfig.gradient_checkpointing=True applies to language-model policies on a TextRLHF-v0 env; "
+            "the MLP policy keeps no activations worth recomputing: set gradient_checkpointing=False"
+        )
     return make_policy(envs.single_observation_space, envs.single_action_space, config)

@@ -365,6 +365,7 @@ class PPO:
             self._skip_or_raise(total_loss, grad_norm, where)
             return None
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # gradients freed now, not at the next step: less held
         self._nonfinite_streak = 0
         self._check_weights(where)
         return stats

@@ -7,11 +7,17 @@ Run it from the repository root (TRL is needed only here: ``pip install -e .[ben
     python benchmarks/text_ppo.py --models smollm2 --batches 16 --iterations 2
     python benchmarks/text_ppo.py --models smollm2 --agents ours --profile   # + cProfile of ours
     python benchmarks/text_ppo.py --agents ours ours-bf16ref trl                # skip plain generate
+    python benchmarks/text_ppo.py --models smollm2 --agents ours ours-lora ours-gc trl generate
+    python benchmarks/text_ppo.py --models llama-1b --agents ours-lora --iterations 1 --append  # size sweep
 
 Models (offline): SmolLM2-135M-Instruct from ``textenv.embedded_model_dir()``, and a tiny GPT-2
 built from a config (2 layers, 4 heads, width 128, SmolLM2's 49,152-token tokenizer and chat
 template, random weights with seed 0) in a temporary directory. The tiny model runs at batch 16
-and 64, SmolLM2 at batch 16 (``--batches`` narrows this).
+and 64, SmolLM2 at batch 16 (``--batches`` narrows this). For the size sweep, ``llama-135m``,
+``llama-360m`` and ``llama-1b`` are randomly initialised Llama configs (SmolLM2-135M's, SmolLM2-360M's
+and Llama-3.2-1B's shapes with SmolLM2's tokenizer; 135M, 362M and 1.07B parameters): with no EOS
+stop every iteration does the same work whatever the weights, so cost is measured without
+pretrained weights.
 
 Every (agent, model, batch) runs in its own subprocess, pinned to one core (``taskset -c <core>``,
 ``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``), one after another. Each does one warm-up
@@ -25,7 +31,12 @@ iteration and then ``--iterations`` measured ones; the table reports medians. Wh
   ``collect_rollout()`` under ``torch.inference_mode()`` (the rollout) + advantages + ``update()``
   (the optimisation). The warm-up matters: until the first update the env skips the reference
   forward (KL exactly 0). ``ours-bf16ref`` is the same with the env's ``ref_dtype="bfloat16"``
-  (the frozen reference stored and run in bfloat16; the policy stays float32).
+  (the frozen reference stored and run in bfloat16; the policy stays float32). ``ours-gc`` adds
+  ``gradient_checkpointing=True`` (activation checkpointing in the update forward). ``ours-lora``:
+  ``lora_r=16, lora_alpha=32, lora_target_modules="all-linear"``, the reference being the base model
+  with the adapters off, scored in the same forward as the policy (peft's mixed-adapter batches);
+  ``ours-lora-2fwd`` scores it in a forward of its own instead; ``ours-lora-gc`` is LoRA plus
+  activation checkpointing.
 * TRL: ``trl.experimental.ppo.PPOTrainer`` with the settings of the reference figures
   (``../shared/PEERS.md``): batch B, ``num_mini_batches = B / 8``, 4 PPO epochs, 32 response
   tokens, no EOS stop, fp32 on CPU, lr 3e-6, kl_coef 0.05, clip 0.2 / 0.2, vf_coef 0.1, gamma 1,
@@ -38,12 +49,17 @@ iteration and then ``--iterations`` measured ones; the table reports medians. Wh
 * generate: ``model.generate(do_sample=True, max_new_tokens=32, min_new_tokens=32,
   temperature=0.7, top_k=0)`` on B chat-formatted prompts, KV cache on: the speed limit of sampling.
 
-Rollout tokens/s = ``B * 32 / rollout seconds``. Peak RSS is the subprocess's ``ru_maxrss``
-(``os.wait4``), so it covers model loading and imports too. Results: a markdown table on stdout and
-in ``<out>/text_ppo.md``, raw records in ``<out>/text_ppo.json``; ``--profile`` also writes a cProfile
+Rollout tokens/s = ``B * 32 / rollout seconds``. Peak RSS is the worker's ``VmHWM`` read as it ends
+(counted from its ``exec``), so it covers model loading and imports too; the ``ru_maxrss`` of
+``os.wait4`` is kept in the raw records but can include the parent's pages at fork time. Results:
+a markdown table on stdout and in ``<out>/text_ppo.md``, raw records in ``<out>/text_ppo.json``; ``--profile`` also writes a cProfile
 summary of our measured iterations to ``<out>/text_ppo_profile_<model>_b<B>.txt``.
-Targets (ours vs TRL in the same run): s/iteration <= 0.5x, peak RSS <= 0.5x, rollout tok/s >= 1.3x,
-and rollout tok/s >= 0.45x plain generate.
+``--append`` keeps the rows of earlier invocations in ``text_ppo.json`` (a row measured again is
+replaced), so a long sweep can run one model at a time; a row that fails (e.g. out of memory) is
+reported and skipped. With several models a second table shows s/iteration and peak RSS per size.
+Targets (in the same run): ours vs TRL s/iteration <= 0.5x, peak RSS <= 0.45x, rollout tok/s >= 1.3x;
+ours vs plain generate rollout tok/s >= 0.45x; LoRA peak RSS <= 0.25x TRL's (full fine-tuning),
+LoRA s/iteration <= ours (full fine-tuning), LoRA rollout tok/s >= 0.8x plain generate.
 """
 
 from __future__ import annotations
@@ -67,11 +83,33 @@ PPO_EPOCHS = 4
 MINIBATCH = 8  # episodes per minibatch: num_minibatches = B / 8
 TEMPERATURE = 0.7
 KL_COEF = 0.05
-MODELS = ("tiny", "smollm2")
-AGENTS = ("ours", "ours-bf16ref", "trl", "generate")
-LABELS = {"ours": "ours", "ours-bf16ref": "ours, bf16 reference", "trl": "TRL 1.12", "generate": "generate"}
-OURS = ("ours", "ours-bf16ref")
-DEFAULT_BATCHES = {"tiny": (16, 64), "smollm2": (16,)}
+# randomly initialised Llama configs for the size sweep (SmolLM2's tokenizer and 49,152-token vocabulary):
+# name -> (hidden, layers, heads, kv heads, intermediate, tied embeddings): 135M, 362M and 1.07B parameters
+LLAMA_SIZES = {
+    "llama-135m": (576, 30, 9, 3, 1536, True),    # SmolLM2-135M's shape
+    "llama-360m": (960, 32, 15, 5, 2560, True),   # SmolLM2-360M's shape
+    "llama-1b": (2048, 16, 32, 8, 8192, True),    # Llama-3.2-1B's shape
+}
+MODELS = ("tiny", "smollm2", *LLAMA_SIZES)
+AGENTS = ("ours", "ours-bf16ref", "ours-gc", "ours-lora", "ours-lora-2fwd", "ours-lora-gc", "trl", "generate")
+LABELS = {
+    "ours": "ours", "ours-bf16ref": "ours, bf16 reference", "ours-gc": "ours, activation checkpointing",
+    "ours-lora": "ours, LoRA r=16", "ours-lora-2fwd": "ours, LoRA r=16, reference as a 2nd forward",
+    "ours-lora-gc": "ours, LoRA r=16 + activation checkpointing", "trl": "TRL 1.12", "generate": "generate",
+}
+# our variants: PPOConfig and env settings on top of the common ones
+OURS: dict[str, dict[str, dict[str, Any]]] = {
+    "ours": {"config": {}, "env": {}},
+    "ours-bf16ref": {"config": {}, "env": {"ref_dtype": "bfloat16"}},
+    "ours-gc": {"config": {"gradient_checkpointing": True}, "env": {}},
+    "ours-lora": {"config": {"lora_r": 16, "lora_alpha": 32.0, "lora_target_modules": "all-linear"}, "env": {}},
+    "ours-lora-2fwd": {"config": {"lora_r": 16, "lora_alpha": 32.0, "lora_target_modules": "all-linear"},
+                       "env": {}, "mixed_batches": False},
+    "ours-lora-gc": {"config": {"lora_r": 16, "lora_alpha": 32.0, "lora_target_modules": "all-linear",
+                                "gradient_checkpointing": True}, "env": {}},
+}
+LORA = ("ours-lora", "ours-lora-2fwd", "ours-lora-gc")
+DEFAULT_BATCHES = {"tiny": (16, 64), "smollm2": (16,)} | dict.fromkeys(LLAMA_SIZES, (16,))
 # TRL 1.12.0 figures from ../shared/PEERS.md (one core): s/iteration, rollout s, optimise s,
 # rollout tok/s, peak RSS GiB; shown for context, the targets compare against TRL in the same run
 PEER_TRL = {
@@ -183,6 +221,27 @@ def build_tiny_model(directory: Path, tokenizer_dir: str | os.PathLike[str]) -> 
     return directory
 
 
+def build_llama(directory: Path, tokenizer_dir: str | os.PathLike[str], size: str) -> Path:
+    """A randomly initialised Llama of one of ``LLAMA_SIZES`` (seed 0): cost, not quality, is measured."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv_heads, intermediate, tied = LLAMA_SIZES[size]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=intermediate, tie_word_embeddings=tied,
+        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    print(f"   built {size}: {sum(p.numel() for p in model.parameters()) / 1e6:,.0f}M parameters", flush=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def prompt_ids(tokenizer: Any) -> list[list[int]]:
     """The built-in prompts with the chat template applied, tokenised exactly as the env does it."""
     from textenv.prompts import PromptSet
@@ -205,7 +264,7 @@ def left_padded(rows: list[list[int]], pad_id: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- runners
 def run_ours(
-    model_dir: str, batch: int, iterations: int, profile_path: Path | None, ref_dtype: str | None = None
+    model_dir: str, batch: int, iterations: int, profile_path: Path | None, variant: str = "ours"
 ) -> RunRecord:
     """Our PPO on the TextRLHF-v0 vector env: rollout and update timed separately."""
     import gymnasium as gym
@@ -219,14 +278,16 @@ def run_ours(
     envs = gym.make_vec(
         "TextRLHF-v0", num_envs=batch, model=model_dir, reward="sentiment", temperature=TEMPERATURE,
         max_new_tokens=NEW_TOKENS, kl_coef=KL_COEF, eos_token_id=[], autoreset_mode=AutoresetMode.DISABLED,
-        ref_dtype=ref_dtype,
+        **OURS[variant]["env"],
     )
     config = PPOConfig(
         num_steps=NEW_TOKENS, update_epochs=PPO_EPOCHS, num_minibatches=batch // MINIBATCH,
-        learning_rate=1e-5, seed=0, torch_threads=1,
+        learning_rate=1e-5, seed=0, torch_threads=1, **OURS[variant]["config"],
     )
     agent = PPO(envs, config)
     cfg = agent.config
+    if OURS[variant].get("mixed_batches", True) is False:  # the reference as a forward of its own
+        envs.use_lora_reference(agent.policy.adapters, mixed_batches=False)
 
     def one_iteration() -> Iteration:
         start = now()
@@ -237,12 +298,14 @@ def run_ours(
         agent.update()
         return Iteration.between(start, rolled, now())
 
-    record = RunRecord("ours" if ref_dtype is None else "ours-bf16ref", "", batch, warmup=one_iteration())
+    record = RunRecord(variant, "", batch, warmup=one_iteration())
     profiler = _start_profile(profile_path)
     record.iterations = [one_iteration() for _ in range(iterations)]
     _stop_profile(profiler, profile_path)
+    trainable = sum(p.numel() for p in agent.policy.parameters() if p.requires_grad)
     record.extra = {"config": {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")},
-                    "episodes": len(agent.episodes)}
+                    "episodes": len(agent.episodes), "trainable_parameters": trainable,
+                    "parameters": sum(p.numel() for p in agent.policy.parameters())}
     envs.close()
     return record
 
@@ -433,8 +496,7 @@ def worker(argv: list[str]) -> None:
 
     torch.set_num_threads(1)
     if args.agent in OURS:
-        ref_dtype = "bfloat16" if args.agent == "ours-bf16ref" else None
-        record = run_ours(args.model_dir, args.batch, args.iterations, args.profile, ref_dtype)
+        record = run_ours(args.model_dir, args.batch, args.iterations, args.profile, args.agent)
     elif args.agent == "trl":
         record = run_trl(args.model_dir, args.batch, args.iterations, args.trl_reward)
     else:
@@ -466,7 +528,9 @@ def run_subprocess(agent: str, model: str, model_dir: str, batch: int, args: arg
         if process.returncode != 0 or not out.exists():
             raise RuntimeError(f"{agent} {model} batch {batch} failed (exit {process.returncode})")
         record = RunRecord.from_dict(json.loads(out.read_text()))
-    record.peak_rss_bytes = usage.ru_maxrss * 1024  # kilobytes on Linux
+    # the worker's own VmHWM (counted from its exec); ru_maxrss may include the parent's pages at fork time
+    record.extra["ru_maxrss_bytes"] = usage.ru_maxrss * 1024  # kilobytes on Linux
+    record.peak_rss_bytes = record.vm_hwm_bytes or record.extra["ru_maxrss_bytes"]
     record.core = args.core
     record.extra["wall_s"] = time.perf_counter() - start
     return record
@@ -509,24 +573,74 @@ def markdown_table(records: list[RunRecord]) -> str:
         if peer is not None:
             s_iter, rollout, optimise, tokens, rss = peer
             lines.append(f"{row} TRL, PEERS.md figures | {tokens:.0f} | {rollout} | {optimise} | {s_iter} | | {rss} |")
-        trl, gen = by_agent.get("trl"), by_agent.get("generate")
-        for variant in OURS:
-            ours, label = by_agent.get(variant), LABELS[variant]
-            if ours and trl:
-                lines.append(
-                    f"{row} **{label} / TRL** (target) | {_ratio(ours.tokens_per_s, trl.tokens_per_s)} "
-                    f"({_ratio(ours.tokens_per_cpu_s, trl.tokens_per_cpu_s)}) (>= 1.3x) | "
-                    f"{_ratio(ours.median('rollout_s'), trl.median('rollout_s'))} | "
-                    f"{_ratio(ours.median('optimise_s'), trl.median('optimise_s'))} | "
-                    f"{_ratio(ours.median('iteration_s'), trl.median('iteration_s'))} (<= 0.5x) | "
-                    f"{_ratio(ours.median('iteration_cpu_s'), trl.median('iteration_cpu_s'))} | "
-                    f"{_ratio(ours.peak_rss_bytes, trl.peak_rss_bytes)} (<= 0.5x) |"
-                )
-            if ours and gen:
-                lines.append(
-                    f"{row} **{label} / generate** (target) | {_ratio(ours.tokens_per_s, gen.tokens_per_s)} "
-                    f"({_ratio(ours.tokens_per_cpu_s, gen.tokens_per_cpu_s)}) (>= 0.45x) | | | | | |"
-                )
+        lines += ratio_rows(row, by_agent)
+    return "\n".join(lines)
+
+
+# targets of the ratio rows: (rollout tok/s, s / iteration, peak RSS) against TRL, and against other rows
+TRL_TARGETS = {"ours": (">= 1.3x", "<= 0.5x", "<= 0.45x"), "ours-lora": ("", "", "<= 0.25x")}
+GENERATE_TARGETS = {"ours": ">= 0.45x", "ours-lora": ">= 0.8x"}
+VS_OURS_TARGETS = {"ours-lora": "<= 1.0x"}  # s / iteration of LoRA against our full fine-tuning
+
+
+def _target(text: str) -> str:
+    return f" ({text})" if text else ""
+
+
+def ratio_rows(row: str, by_agent: dict[str, RunRecord]) -> list[str]:
+    """Each of our variants against TRL and plain generate, and the memory options against full ``ours``."""
+    lines = []
+    trl, gen, full = by_agent.get("trl"), by_agent.get("generate"), by_agent.get("ours")
+    for variant in OURS:
+        ours, label = by_agent.get(variant), LABELS[variant]
+        if ours is None:
+            continue
+        tok_t, iter_t, rss_t = TRL_TARGETS.get(variant, ("", "", ""))
+        if trl:
+            lines.append(
+                f"{row} **{label} / TRL** | {_ratio(ours.tokens_per_s, trl.tokens_per_s)} "
+                f"({_ratio(ours.tokens_per_cpu_s, trl.tokens_per_cpu_s)}){_target(tok_t)} | "
+                f"{_ratio(ours.median('rollout_s'), trl.median('rollout_s'))} | "
+                f"{_ratio(ours.median('optimise_s'), trl.median('optimise_s'))} | "
+                f"{_ratio(ours.median('iteration_s'), trl.median('iteration_s'))}{_target(iter_t)} | "
+                f"{_ratio(ours.median('iteration_cpu_s'), trl.median('iteration_cpu_s'))} | "
+                f"{_ratio(ours.peak_rss_bytes, trl.peak_rss_bytes)}{_target(rss_t)} |"
+            )
+        if gen:
+            lines.append(
+                f"{row} **{label} / generate** | {_ratio(ours.tokens_per_s, gen.tokens_per_s)} "
+                f"({_ratio(ours.tokens_per_cpu_s, gen.tokens_per_cpu_s)}){_target(GENERATE_TARGETS.get(variant, ''))}"
+                " | | | | | |"
+            )
+        if full and variant != "ours":
+            lines.append(
+                f"{row} **{label} / ours** | {_ratio(ours.tokens_per_s, full.tokens_per_s)} | "
+                f"{_ratio(ours.median('rollout_s'), full.median('rollout_s'))} | "
+                f"{_ratio(ours.median('optimise_s'), full.median('optimise_s'))} | "
+                f"{_ratio(ours.median('iteration_s'), full.median('iteration_s'))}"
+                f"{_target(VS_OURS_TARGETS.get(variant, ''))} | "
+                f"{_ratio(ours.median('iteration_cpu_s'), full.median('iteration_cpu_s'))} | "
+                f"{_ratio(ours.peak_rss_bytes, full.peak_rss_bytes)} |"
+            )
+    return lines
+
+
+def size_sweep_table(records: list[RunRecord]) -> str:
+    """Cost against model size: s / iteration and peak RSS per model and agent, one row per model."""
+    agents = [a for a in AGENTS if a != "generate" and any(r.agent == a for r in records)]
+    by_model: dict[tuple[str, int], dict[str, RunRecord]] = {}
+    for record in records:
+        by_model.setdefault((record.model, record.batch), {})[record.agent] = record
+    lines = ["| model | parameters | batch | " + " | ".join(f"{LABELS[a]}: s / it, GiB" for a in agents) + " |",
+             "|---|---|---|" + "---|" * len(agents)]
+    for (model, batch), by_agent in by_model.items():
+        sizes = [r.extra.get("parameters") for r in by_agent.values() if r.extra.get("parameters")]
+        cells = []
+        for agent in agents:
+            r = by_agent.get(agent)
+            cells.append("-" if r is None else f"{_fmt(r.median('iteration_s'), 1)} s, {r.peak_rss_bytes / GiB:.2f}")
+        size = f"{sizes[0] / 1e6:,.0f}M" if sizes else "-"
+        lines.append(f"| {model} | {size} | {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -546,6 +660,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trl-reward", choices=("vader", "model"), default="vader",
                         help="TRL's reward model: VADER in an nn.Module (as ours), or a 4th full model copy")
     parser.add_argument("--profile", action="store_true", help="cProfile our measured iterations")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of <out>/text_ppo.json from earlier runs (same rows are replaced)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if any(b % MINIBATCH for b in args.batches or ()):
@@ -556,30 +672,43 @@ def main(argv: list[str] | None = None) -> None:
 
     smollm2_dir = str(textenv.embedded_model_dir())
     tmp = Path(tempfile.mkdtemp(prefix="text_ppo_tiny_"))
+    def built(name: str, build: Callable[[Path], Path]) -> Callable[[], str]:
+        directory = tmp / name
+        return lambda: str(directory if (directory / "config.json").exists() else build(directory))
+
     model_dirs: dict[str, Callable[[], str]] = {
         "smollm2": lambda: smollm2_dir,
-        "tiny": lambda: str(build_tiny_model(tmp, smollm2_dir)) if not (tmp / "config.json").exists() else str(tmp),
-    }
+        "tiny": built("tiny", lambda d: build_tiny_model(d, smollm2_dir)),
+    } | {size: built(size, lambda d, size=size: build_llama(d, smollm2_dir, size)) for size in LLAMA_SIZES}
+    raw = args.out / "text_ppo.json"
     records: list[RunRecord] = []
+    if args.append and raw.exists():  # an earlier invocation's rows stay, unless measured again now
+        records = [RunRecord.from_dict(d) for d in json.loads(raw.read_text())]
     try:
         for model, batch in configurations(args):
             for agent in args.agents:
                 print(f"== {agent} {model} batch {batch} (core {args.core})", flush=True)
-                record = run_subprocess(agent, model, model_dirs[model](), batch, args)
+                try:
+                    record = run_subprocess(agent, model, model_dirs[model](), batch, args)
+                except RuntimeError as failure:  # e.g. out of memory: the other rows still run
+                    print(f"   {failure}", flush=True)
+                    continue
                 print(f"   rollout {_fmt(record.median('rollout_s'), 2)} s, {_fmt(record.tokens_per_s, 0)} tok/s, "
                       f"iteration {_fmt(record.median('iteration_s'), 2)} s, "
                       f"peak RSS {record.peak_rss_bytes / GiB:.2f} GiB", flush=True)
-                records.append(record)
+                records = [r for r in records if (r.agent, r.model, r.batch) != (agent, model, batch)] + [record]
+                raw.write_text(json.dumps([r.to_dict() for r in records], indent=1))  # kept if a later row fails
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     table = markdown_table(records)
+    if len({r.model for r in records}) > 1:
+        table += "\n\nCost against model size (median s / iteration, peak RSS GiB):\n\n" + size_sweep_table(records)
     header = (f"Text PPO benchmark: one core (taskset -c {args.core}), one torch thread, {NEW_TOKENS} new tokens, "
               f"{PPO_EPOCHS} PPO epochs, minibatches of {MINIBATCH}; median of {args.iterations} iterations after "
               f"one warm-up; TRL reward: {args.trl_reward}. Seconds are wall time; CPU s (and tok/s per CPU s) "
               f"use the process's CPU time, which a busy shared core does not inflate.\n\n")
     print("\n" + header + table)
     (args.out / "text_ppo.md").write_text(header + table + "\n")
-    (args.out / "text_ppo.json").write_text(json.dumps([r.to_dict() for r in records], indent=1))
 
 
 if __name__ == "__main__":

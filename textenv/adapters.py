@@ -22,13 +22,24 @@ class AdapterReference(nn.Module):
     `peft_model` is the `peft.PeftModel` whose base (`get_base_model()`) is the env's policy. The
     policy is not registered as a submodule, so `parameters()` is empty and nothing is counted,
     saved or frozen twice; `forward` is the base model's forward.
+
+    `mixed_batches`: the env scores policy and reference in one forward (peft's per-row adapter
+    names; the base weights are read once for both) instead of two; off, the reference runs its own
+    forwards under `disable_adapter()`. Both compute the same distributions.
     """
 
-    def __init__(self, peft_model: Any) -> None:
+    def __init__(self, peft_model: Any, *, mixed_batches: bool = True) -> None:
         super().__init__()
         if not callable(getattr(peft_model, "disable_adapter", None)) or not hasattr(peft_model, "get_base_model"):
             raise TypeError(f"AdapterReference needs a peft.PeftModel, got {type(peft_model).__name__}")
         self.__dict__["peft_model"] = peft_model  # a view: not a submodule
+        self.mixed_batches = mixed_batches
+
+    @property
+    def adapter_name(self) -> str | None:
+        """The one active adapter (None when several are active: no mixed batches then)."""
+        active = getattr(self.peft_model, "active_adapter", None)
+        return active if isinstance(active, str) else None
 
     @property
     def policy(self) -> nn.Module:

@@ -33,6 +33,7 @@ from .models import (
     target_device,
     weights_version,
 )
+from .paired import PairedDecodeState, ReferenceRows
 from .prompts import PromptSet, load_prompts
 from .rewards import RewardSet, build_reward, check_reward
 from .state import capture_engine, load_controller, parse_engine
@@ -163,13 +164,19 @@ class Engine:
         self._verified: tuple[int, int] | None = None
         self._mirror_if_same()
 
-    def _decode_states(self) -> tuple[DecodeState, DecodeState]:
+    def _decode_states(self) -> tuple[DecodeState, DecodeState | ReferenceRows]:
         cfg, parts = self.cfg, self.parts
         common = {"num_rows": self.num_rows, "temperature": cfg.temperature, "pad_id": parts.pad_id}
         # the reference is scored at the temperature alone; with top-k / top-p it is renormalised
         # over the tokens the policy can sample (see `step`), so the KL compares the same support
+        reference = parts.reference
+        if isinstance(reference, AdapterReference) and reference.mixed_batches and reference.adapter_name:
+            # LoRA: one forward over policy rows and base-model rows reads the shared weights once
+            pair = PairedDecodeState(reference.policy, adapter=reference.adapter_name, track_weights=True,
+                                     top_k=cfg.top_k, top_p=cfg.top_p, **common)
+            return pair, pair.reference()
         policy = DecodeState(parts.policy, track_weights=True, top_k=cfg.top_k, top_p=cfg.top_p, **common)
-        module, adapters_off = adapters_off_context(parts.reference)
+        module, adapters_off = adapters_off_context(reference)
         return policy, DecodeState(module, track_weights=False, adapters_off=adapters_off, **common)
 
     @property
@@ -483,13 +490,15 @@ class TextEnvAttributes:
         False), or with LoRA an `AdapterReference`, the policy itself with its adapters off (no copy)."""
         return self._parts.reference
 
-    def use_lora_reference(self, peft_model: Any) -> None:
+    def use_lora_reference(self, peft_model: Any, *, mixed_batches: bool = True) -> None:
         """Score the KL against the policy with its LoRA adapters off, and drop the frozen copy.
 
         `peft_model` is the `peft.PeftModel` made from this env's own policy (`env.model`), e.g. by
         `get_peft_model(env.model, LoraConfig(...))`, which injects the adapters in place. The
         reference is then the base model at no memory cost; envs re-created from this env's spec
-        (evaluation copies, `check_env`) share it.
+        (evaluation copies, `check_env`) share it. With `mixed_batches` (default) each step runs one
+        forward whose rows are the policy's and the base model's (peft's per-row adapters), so the
+        shared weights are read once; False runs the reference as a forward of its own.
         """
         get_base = getattr(peft_model, "get_base_model", None)
         if get_base is None or get_base() is not self.model:
@@ -498,7 +507,7 @@ class TextEnvAttributes:
                 "peft_model = get_peft_model(env.model, LoraConfig(...))"
             )
         old = self._parts.reference
-        reference = AdapterReference(peft_model)
+        reference = AdapterReference(peft_model, mixed_batches=mixed_batches)
         self._engine.use_reference(reference)
         handle = self._parts.handles.get("model")
         if handle is not None:

@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from .compat import cache_kwargs, returned_cache
 from .lm_head import LogitHead, eval_mode
 from .models import weights_version
-from .prefix import prefix_cache, split_shared_prefix
+from .prefix import SharedPrefix, prefix_cache, split_shared_prefix
 
 __all__ = ["DecodeState"]
 
@@ -78,10 +78,14 @@ class DecodeState:
                 **cache_kwargs(trunk, cache),
             )
             hidden = out.last_hidden_state[:, -1]
-            logprobs = self.head.logprobs(hidden, self.temperature, self.top_k, self.top_p)
+            logprobs = self._score(hidden)
         if self.track_weights:
             self.version = weights_version(self.params)
         return returned_cache(out), logprobs, hidden.float()
+
+    def _score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probs of the sampling distribution from the trunk's last hidden states."""
+        return self.head.logprobs(hidden, self.temperature, self.top_k, self.top_p)
 
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
@@ -95,13 +99,20 @@ class DecodeState:
         """
         shared = split_shared_prefix(ids, mask)
         if shared is not None:
-            with torch.no_grad(), eval_mode(self._modules), self._context():
-                cache = prefix_cache(self.head.trunk, shared, ids.shape[0])
+            cache = self._prefix_cache(shared, ids.shape[0])
             if cache is not None:
                 cache, logprobs, hidden = self._forward(shared.rest_ids, shared.mask, cache)
                 return shared.full_ids, shared.mask, cache, logprobs, hidden
         cache, logprobs, hidden = self._forward(ids, mask, self._new_cache())
         return ids, mask, cache, logprobs, hidden
+
+    def _prefix_cache(self, shared: SharedPrefix, rows: int) -> DynamicCache | None:
+        with torch.no_grad(), eval_mode(self._modules), self._context():
+            return prefix_cache(self.head.trunk, shared, rows)
+
+    def _cache_rows(self, rows: list[int]) -> torch.Tensor:
+        """The cache (and output) rows that hold the sequences in `rows`."""
+        return torch.tensor(rows, device=self.device)
 
     def _splicable(self) -> bool:
         # sliding-window and other layer kinds keep extra bookkeeping; rebuild those caches instead
@@ -127,7 +138,7 @@ class DecodeState:
     def _splice_rows(self, rows: list[int], new_ids: torch.Tensor, new_mask: torch.Tensor) -> None:
         """Prompt forward for `rows` alone, then their keys / values replace theirs in the batch cache."""
         new_ids, new_mask, new_cache, logprobs, hidden = self._prefill(new_ids, new_mask)
-        index = torch.tensor(rows, device=self.device)
+        index = self._cache_rows(rows)
         self._place(rows, new_ids, new_mask)
         width = self.ids.shape[1]
         for layer, new_layer in zip(self.cache.layers, new_cache.layers, strict=True):

@@ -75,17 +75,23 @@ def split_shared_prefix(ids: torch.Tensor, mask: torch.Tensor, *, limit: int | N
     return SharedPrefix(leading[:1, :k], ids[keep].view(rest_shape), mask[keep].view(rest_shape))
 
 
-def prefix_cache(trunk: nn.Module, prefix: SharedPrefix, batch: int) -> DynamicCache | None:
+def prefix_cache(trunk: nn.Module, prefix: SharedPrefix, batch: int, *, groups: int = 1) -> DynamicCache | None:
     """The prefix's keys and values from one row, broadcast to `batch` rows (no copy until appended to).
 
     `trunk` is the model without its output layer (`base_model`): the prefix's logits are never needed.
+    With `groups` > 1 the prefix runs as that many rows (which may compute different functions, e.g.
+    LoRA adapters on and off) and each is broadcast to `batch` rows, group after group.
     None for caches with other layer kinds (sliding windows keep extra bookkeeping): run those whole.
     """
-    out = trunk(input_ids=prefix.ids, use_cache=True)
+    out = trunk(input_ids=prefix.ids.expand(groups, -1), use_cache=True)
     cache = returned_cache(out)
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         return None
     for layer in cache.layers:
-        layer.keys = layer.keys.expand(batch, -1, -1, -1)
-        layer.values = layer.values.expand(batch, -1, -1, -1)
+        if groups == 1:
+            layer.keys = layer.keys.expand(batch, -1, -1, -1)
+            layer.values = layer.values.expand(batch, -1, -1, -1)
+        else:
+            layer.keys = layer.keys.repeat_interleave(batch, dim=0)
+            layer.values = layer.values.repeat_interleave(batch, dim=0)
     return cache

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import textenv
 from agents import PPO, PPOConfig
 from textenv.adapters import AdapterReference
-from textenv.testing import SAMPLE_PROMPTS, make_tiny_model_dir
+from textenv.testing import DEFAULT_VOCAB, SAMPLE_PROMPTS, make_tiny_model_dir
 
 peft = pytest.importorskip("peft")
 
@@ -103,6 +103,42 @@ def test_env_kl_is_policy_minus_base_once_the_adapters_moved(llama_dir):
     _, reward, _, _, info = envs.step(np.array([action, action]))
     kl = float(expected_policy[action] - expected_ref[action])
     assert reward[0] == pytest.approx(-float(envs.kl_coef) * kl, abs=1e-5)
+
+
+@pytest.mark.parametrize(("top_k", "targets"), [(0, "all-linear"), (5, ("q_proj", "v_proj", "lm_head"))])
+def test_one_mixed_adapter_forward_scores_what_two_forwards_score(llama_dir, top_k, targets):
+    """Policy and base rows in one peft mixed batch give the distributions of two separate forwards,
+    across an early episode end and the restart spliced into the running batch."""
+    runs = []
+    for mixed in (True, False):
+        # every other word ends an episode: episodes end at different steps, restarts are spliced in
+        ends = list(range(4, 4 + len(DEFAULT_VOCAB), 2))
+        envs = _envs(llama_dir, num_envs=3, temperature=1.0, top_k=top_k, max_new_tokens=5, eos_token_id=ends)
+        agent = PPO(envs, _config(num_envs=3, lora_target_modules=targets))
+        envs.use_lora_reference(agent.policy.adapters, mixed_batches=mixed)
+        torch.manual_seed(1)
+        _nudge_adapters(agent)
+        envs.reset(seed=0)
+        rng = np.random.default_rng(0)
+        steps, ended = [], []
+        for _ in range(12):
+            logprobs = envs.next_logprobs.clone()
+            actions = (logprobs.numpy() + rng.gumbel(size=logprobs.shape)).argmax(-1)
+            _, reward, terminated, truncated, info = envs.step(actions)
+            ended.append(int((terminated | truncated).sum()))
+            # rows that autoreset this step have no token info
+            scored = info.get("_ref_logprob", np.zeros(3, dtype=bool))
+            steps.append((logprobs, reward, np.where(scored, info.get("ref_logprob", 0.0), np.nan), actions))
+        runs.append(steps)
+    assert type(envs.unwrapped._engine.ref).__name__ == "DecodeState"  # the second run: two forwards
+    for (lp_a, r_a, ref_a, act_a), (lp_b, r_b, ref_b, act_b) in zip(*runs, strict=True):
+        np.testing.assert_array_equal(act_a, act_b)
+        torch.testing.assert_close(lp_a, lp_b, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(ref_a, ref_b, atol=1e-5, rtol=0)  # NaN where not scored, in both
+        np.testing.assert_allclose(r_a, r_b, atol=1e-5, rtol=0)
+    kls = np.concatenate([s[0].numpy()[np.arange(3), s[3]] - s[2] for s in runs[0]])
+    assert np.nanmax(np.abs(kls)) > 1e-3  # the adapters moved: policy and reference rows really differ
+    assert any(0 < n < 3 for n in ended)  # some rows ended while others ran on: restarts were spliced in
 
 
 def test_lora_run_raises_a_custom_reward_with_bounded_kl(llama_dir):

@@ -1,0 +1,86 @@
+"""Memory options of the language-model policy: activation checkpointing changes memory, not results."""
+
+from __future__ import annotations
+
+import re
+
+import gymnasium as gym
+import pytest
+import torch
+
+import textenv  # noqa: F401  (registers TextRLHF-v0)
+from agents import PPO, PPOConfig
+from textenv.testing import SAMPLE_PROMPTS, make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("gc_llama"), arch="llama", seed=0, n_layer=2, n_embd=32)
+
+
+def _trained(model_dir, **changes):
+    envs = gym.make_vec("TextRLHF-v0", num_envs=4, model=str(model_dir), reward="length",
+                        prompts=list(SAMPLE_PROMPTS), max_new_tokens=6)
+    settings = {"num_steps": 6, "whole_episodes": True, "update_epochs": 2, "num_minibatches": 2,
+                "learning_rate": 1e-3, "seed": 3}
+    agent = PPO(envs, PPOConfig(**{**settings, **changes}))
+    # transformers' checkpointing replays what is inside a block, the block's own hooks stay outside
+    modules = dict(agent.policy.model.named_modules())
+    block = next(m for name, m in modules.items() if name.endswith("layers.0"))
+    calls: dict[str, int] = {"block": 0, "mlp": 0, "rollout": 0}
+
+    def count(name):
+        def hook(*_):
+            calls["rollout" if torch.is_inference_mode_enabled() else name] += 1
+        return hook
+
+    block.register_forward_hook(count("block"))
+    # (a pre-hook: the replay stops as soon as the last saved tensor is back, before the mlp returns)
+    block.mlp.register_forward_pre_hook(count("mlp"))
+    agent.learn(2 * agent.config.batch_size, progress=False)
+    return agent, calls
+
+
+def _trainable(agent):
+    return {name: p.detach().clone() for name, p in agent.policy.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_checkpointing_recomputes_blocks_and_trains_the_same_weights(llama_dir, lora_r):
+    plain, plain_calls = _trained(llama_dir, lora_r=lora_r)
+    checkpointed, checkpointed_calls = _trained(llama_dir, lora_r=lora_r, gradient_checkpointing=True)
+    # each update forward ran inside the block a second time, in the backward (the recomputation)
+    assert plain_calls["mlp"] == plain_calls["block"] > 0
+    assert checkpointed_calls["mlp"] == 2 * checkpointed_calls["block"] > 0
+    assert checkpointed_calls["rollout"] == plain_calls["rollout"] > 0  # rollouts untouched
+    before, after = _trainable(plain), _trainable(checkpointed)
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # and the policy stays in eval mode (no dropout) outside and after the update
+    assert not any(m.training for m in checkpointed.policy.model.modules())
+
+
+def test_checkpointing_on_an_mlp_policy_is_refused():
+    with pytest.raises(ValueError, match=re.escape("PPOConfig.gradient_checkpointing=True applies to language-model")):
+        PPO("CartPole-v1", PPOConfig(gradient_checkpointing=True, num_envs=2))
+
+
+def test_gradient_checkpointing_setting_is_checked():
+    with pytest.raises(ValueError, match="^PPOConfig.gradient_checkpointing="):
+        PPOConfig(gradient_checkpointing="yes")
+
+
+def test_an_unknown_lora_config_key_names_the_setting():
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match=r"^PPOConfig.lora_config=.*not a valid peft.LoraConfig"):
+        PPOConfig(lora_config={"rank": 8})
+
+
+def test_adapter_dropout_stays_off_in_ppo(llama_dir):
+    pytest.importorskip("peft")
+    envs = gym.make_vec("TextRLHF-v0", num_envs=2, model=str(llama_dir), reward="length",
+                        prompts=list(SAMPLE_PROMPTS), max_new_tokens=4)
+    agent = PPO(envs, PPOConfig(lora_r=4, lora_dropout=0.5, num_steps=4, whole_episodes=True, seed=0))
+    dropouts = [m for name, m in agent.policy.model.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and not any(m.training for m in dropouts)

@@ -1,0 +1,156 @@
+"""One forward for a LoRA policy and its reference: policy rows and base-model rows in one batch.
+
+With LoRA the reference is the policy's own base weights with the adapters off. peft computes a
+batch whose rows name different adapters (`"__base__"`: none) in one pass, so each base weight is
+read once for both and only the small adapter products run on the policy rows alone. Token-by-token
+decoding on a CPU costs about what reading the weights costs, so this nearly halves the price of
+scoring the reference beside the policy.
+
+Rows [0, N) of the batch are the policy's, rows [N, 2N) the reference's, on the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .decoding import DecodeState
+from .kl import token_logprobs
+from .lm_head import eval_mode
+from .prefix import SharedPrefix, prefix_cache
+
+__all__ = ["BASE_ADAPTER", "PairedDecodeState", "ReferenceRows", "lora_layers"]
+
+BASE_ADAPTER = "__base__"
+"""peft's name for "no adapter" in a mixed-adapter batch."""
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules peft injected LoRA adapters into (they take `adapter_names` per row)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft: no adapters
+        return []
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextmanager
+def adapter_per_row(layers: list[nn.Module], names: list[str]) -> Iterator[None]:
+    """Every LoRA layer called inside applies adapter `names[i]` to row i (peft's mixed batches).
+
+    peft's own route is `PeftModel.forward(..., adapter_names=...)`; the env runs the trunk and the
+    head separately (see `textenv.lm_head`), so the argument is handed to each layer directly.
+    """
+
+    def inject(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class PairedDecodeState(DecodeState):
+    """A policy decode state whose every forward also computes the reference on the same tokens.
+
+    `ids` / `mask` / `logprobs` / `hidden` are the policy's N rows, as in `DecodeState`; the cache
+    holds 2N rows and `reference_logprobs` the reference's distributions (at the temperature alone:
+    the engine restricts them to the policy's top-k / top-p support itself).
+    """
+
+    def __init__(self, model: nn.Module, *, adapter: str, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.adapter = adapter
+        self._layers = lora_layers(model)
+
+    def _names(self, rows: int) -> list[str]:
+        return [self.adapter] * rows + [BASE_ADAPTER] * rows
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        with adapter_per_row(self._layers, self._names(ids.shape[0])):
+            return super()._forward(torch.cat([ids, ids]), torch.cat([mask, mask]), cache)
+
+    def _score(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head.logits(hidden)  # one call: a LoRA'd output layer takes all 2N rows at once
+        rows = hidden.shape[0] // 2
+        policy = token_logprobs(logits[:rows], self.temperature, self.top_k, self.top_p)
+        return torch.cat([policy, token_logprobs(logits[rows:], self.temperature)])
+
+    def _prefix_cache(self, shared: SharedPrefix, rows: int) -> DynamicCache | None:
+        with torch.no_grad(), eval_mode(self._modules), adapter_per_row(self._layers, self._names(1)):
+            return prefix_cache(self.head.trunk, shared, rows, groups=2)
+
+    def _cache_rows(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows + [r + self.num_rows for r in rows], device=self.device)
+
+    @property
+    def logprobs(self) -> torch.Tensor | None:
+        return None if self._logprobs is None else self._logprobs[: self.num_rows]
+
+    @property
+    def hidden(self) -> torch.Tensor | None:
+        return None if self._hidden is None else self._hidden[: self.num_rows]
+
+    @property
+    def reference_logprobs(self) -> torch.Tensor | None:
+        return None if self._logprobs is None else self._logprobs[self.num_rows :]
+
+    def reference(self) -> ReferenceRows:
+        return ReferenceRows(self)
+
+
+class ReferenceRows:
+    """The reference half of a `PairedDecodeState`, driven by the engine like a reference state.
+
+    Its outputs come with the policy's forwards, so starting, advancing and restoring it do nothing.
+    """
+
+    mirror = None
+    track_weights = False
+
+    def __init__(self, pair: PairedDecodeState) -> None:
+        self.pair = pair
+        self.params: list[nn.Parameter] = []
+
+    @property
+    def logprobs(self) -> torch.Tensor | None:
+        return self.pair.reference_logprobs
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.pair.ids
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.pair.mask
+
+    def start(self, rows: list[int], prompts: list[list[int]]) -> None:
+        """Nothing to do: the pair's policy state starts both halves."""
+
+    def advance(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Nothing to do: the pair's policy state advances both halves."""
+
+    def refresh(self) -> None:
+        """Nothing to do: the pair's policy state recomputes both halves."""
+
+    def restore(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Nothing to do: the pair's policy state restores both halves."""
+
+    def unmirror(self, *, refresh: bool = True) -> None:
+        """Nothing to do: the reference rows never borrow the policy's outputs."""
+
+    def stale(self) -> bool:
+        return False
+
+    def clear(self) -> None:
+        """Nothing to do: the pair's policy state holds the cache."""
