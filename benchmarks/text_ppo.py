@@ -52,8 +52,8 @@ iteration and then ``--iterations`` measured ones; the table reports medians. Wh
 Rollout tokens/s = ``B * 32 / rollout seconds``. Peak RSS is the worker's ``VmHWM`` read as it ends
 (counted from its ``exec``), so it covers model loading and imports too; the ``ru_maxrss`` of
 ``os.wait4`` is kept in the raw records but can include the parent's pages at fork time. Results:
-a markdown table on stdout and in ``<out>/text_ppo.md``, raw records in ``<out>/text_ppo.json``; ``--profile`` also writes a cProfile
-summary of our measured iterations to ``<out>/text_ppo_profile_<model>_b<B>.txt``.
+a markdown table on stdout and in ``<out>/text_ppo.md``, raw records in ``<out>/text_ppo.json``;
+``--profile`` also writes a cProfile summary of our measured iterations to ``<out>/text_ppo_profile_<model>_b<B>.txt``.
 ``--append`` keeps the rows of earlier invocations in ``text_ppo.json`` (a row measured again is
 replaced), so a long sweep can run one model at a time; a row that fails (e.g. out of memory) is
 reported and skipped. With several models a second table shows s/iteration and peak RSS per size.
