@@ -168,6 +168,28 @@ def agent_state(agent: PPO) -> dict[str, Any]:
     return state
 
 
+# what differs between the ranks of a data-parallel run (weights, optimizer and statistics are shared)
+PER_RANK_PARTS = ("env_state", "rng", "reward_scaler")
+
+
+def gather_ranks(state: dict[str, Any], group: Any) -> None:
+    """Data-parallel runs: rank 0's ``state`` also gets every rank's own parts, as ``state["ranks"]``.
+
+    A collective (every rank calls it); a resume at the same world size then continues each rank
+    exactly, and at another world size the ranks the checkpoint has continue and the others start fresh.
+    """
+    if not group.active:
+        return
+    import torch.distributed as dist
+
+    mine = {part: state[part] for part in PER_RANK_PARTS}
+    gathered: list[Any] | None = [None] * group.world_size if group.is_main else None
+    dist.gather_object(mine, gathered, dst=0)
+    if group.is_main:
+        state["ranks"] = gathered
+    state["world_size"] = group.world_size
+
+
 def check_finite(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """NonFiniteError naming the first NaN / inf tensor of the weights, optimizer or statistics to be saved."""
     found = nonfinite_tensor(_tensors(state, ("policy", "optimizer", "obs_normalizer", "reward_scaler")))
@@ -212,6 +234,10 @@ def restore_agent(agent: PPO, state: dict[str, Any], path: str | os.PathLike[str
             f"checkpoint {os.fspath(path)!r} holds non-finite weights ({found[0]}: {found[1]} of {found[2]} "
             "values are NaN or inf); it was saved after training diverged: use an earlier checkpoint"
         )
+    ranks = state.get("ranks")
+    if ranks:  # a data-parallel checkpoint: this rank's own parts, where the checkpoint has this rank
+        rank = agent.group.rank
+        state = {**state, **ranks[rank]} if rank < len(ranks) else {**state, "env_state": None, "rng": None}
     with _part("policy", path):
         agent.policy.load_state_dict(state["policy"])
     with _part("optimizer", path):
@@ -226,6 +252,8 @@ def restore_agent(agent: PPO, state: dict[str, Any], path: str | os.PathLike[str
         agent.kl_beta, agent._schedule = float(progress["kl_beta"]), tuple(progress["schedule"])
         agent.episodes = [tuple(e) for e in progress["episodes"]]
         agent._nonfinite_streak = int(progress.get("nonfinite_streak", 0))
+    if state["env_state"] is None:  # a rank beyond the checkpoint's world size: fresh episodes, own seeds
+        return
     with _part("env_state", path):
         _restore_env_state(agent, state["env_state"])
     with _part("rng", path):

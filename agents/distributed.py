@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +42,23 @@ class ProcessGroup:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of ``values`` where ``mask`` is 1, over every rank's entries (as one process would take it)."""
+        if not self.active:
+            return (values * mask).sum() / mask.sum().clamp(min=1.0)
+        total, count = self.sum([float((values * mask).sum()), float(mask.sum())])
+        return (total / count.clamp(min=1.0)).to(values.dtype)
+
     def mean(self, value: float) -> float:
         """The mean of a number over ranks."""
         return float(self.sum(value)) / self.world_size
+
+    def min(self, value: float) -> float:
+        """The smallest value of a number over ranks."""
+        tensor = torch.tensor(float(value), dtype=torch.float64)
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return float(tensor)
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any: decisions that must agree, or some rank would hang."""
@@ -74,3 +89,22 @@ def process_group() -> ProcessGroup:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def data_parallel(policy: torch.nn.Module, group: ProcessGroup, config: Any) -> torch.nn.Module:
+    """The module the update calls: ``policy`` itself, or a ``DistributedDataParallel`` around it.
+
+    DDP broadcasts rank 0's weights at construction and averages gradients in the backward of every
+    ``forward`` it ran, which is why the policy's training computation is its ``forward``.
+    """
+    if not group.active:
+        return policy
+    if config.ptx_coef > 0:
+        raise ValueError(
+            f"PPOConfig.ptx_coef={config.ptx_coef}: the pre-training loss is not averaged over ranks yet; "
+            "train data-parallel with ptx_coef=0, or run one process"
+        )
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(policy.parameters()).device
+    return DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)

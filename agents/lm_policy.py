@@ -115,7 +115,8 @@ class LMActorCritic(nn.Module):
             PretrainingTexts(config.ptx_data, envs.tokenizer, config.ptx_batch_size) if config.ptx_coef > 0 else None
         )
         length = int(envs.single_observation_space["input_ids"].shape[0])
-        self.obs_shape, self.obs_dtype = (2, length), torch.int64
+        self.obs_shape: tuple[int, ...] = (2, length)
+        self.obs_dtype = torch.int64
 
     # ------------------------------------------------------------------ observations
     def preprocess(self, obs: dict[str, np.ndarray]) -> torch.Tensor:
@@ -189,7 +190,7 @@ class LMActorCritic(nn.Module):
         actions = log_probs.argmax(-1) if deterministic else sample_tokens(log_probs, generator)
         return actions, log_probs.gather(-1, actions[:, None]).squeeze(-1), values
 
-    def evaluate(
+    def forward(
         self, obs: torch.Tensor, actions: torch.Tensor, episode_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Re-score stored tokens with one forward per episode, not one per token.
@@ -219,6 +220,8 @@ class LMActorCritic(nn.Module):
                 finite = torch.where(log_probs.isfinite(), log_probs, 0.0)
             entropy = -(log_probs.exp() * finite).sum(-1)
         return log_probs.gather(-1, actions[:, None].long()).squeeze(-1), entropy, values
+
+    evaluate = forward  # the name the update used before ``forward``
 
     def to_env_action(self, actions: torch.Tensor) -> np.ndarray:
         return actions.numpy().astype(np.int64)

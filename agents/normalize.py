@@ -14,10 +14,37 @@ class RunningMeanStd:
         self.mean = np.zeros(shape, dtype=np.float64)
         self.var = np.ones(shape, dtype=np.float64)
         self.count = 1e-4
+        self._pending: list[np.ndarray] | None = None  # data-parallel: batches held until sync()
+
+    def defer(self) -> None:
+        """Hold batches until :meth:`sync` merges every rank's (data-parallel runs: global statistics)."""
+        self._pending = []
 
     def update(self, batch: np.ndarray) -> None:
         batch = np.asarray(batch, dtype=np.float64)
-        batch_mean, batch_var, batch_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
+        if self._pending is not None:
+            self._pending.append(batch)
+            return
+        self._merge(batch.mean(axis=0), batch.var(axis=0), batch.shape[0])
+
+    def sync(self, group: Any) -> None:
+        """Merge the held batches of all ranks (a collective: every rank calls it at the same point)."""
+        if self._pending is None:
+            return
+        shape = self.mean.shape
+        held = np.concatenate([b.reshape((-1, *shape)) for b in self._pending]) if self._pending else None
+        self._pending = []
+        local = np.zeros((3, *shape))
+        if held is not None:
+            local = np.stack([np.full(shape, held.shape[0], dtype=np.float64), held.sum(0), (held**2).sum(0)])
+        count, total, squares = group.sum(local).numpy()
+        n = float(np.max(count))
+        if n == 0:
+            return
+        mean = total / n
+        self._merge(mean, np.maximum(squares / n - mean**2, 0.0), n)
+
+    def _merge(self, batch_mean: np.ndarray, batch_var: np.ndarray, batch_count: float) -> None:
         delta = batch_mean - self.mean
         total = self.count + batch_count
         self.mean = self.mean + delta * batch_count / total
@@ -39,6 +66,11 @@ class ObservationNormalizer:
         self.enabled, self.clip, self.eps = enabled, clip, eps
         self.stats = RunningMeanStd(shape)
 
+    def sync(self, group: Any) -> None:
+        """Merge every rank's observations of this rollout into the statistics (data-parallel runs)."""
+        if self.enabled:
+            self.stats.sync(group)
+
     def __call__(self, obs: np.ndarray, *, update: bool = False) -> np.ndarray:
         if not self.enabled:
             return obs
@@ -59,6 +91,11 @@ class RewardScaler:
         self.enabled, self.gamma, self.clip, self.eps = enabled, gamma, clip, eps
         self.stats = RunningMeanStd(())
         self.discounted_return = np.zeros(num_envs, dtype=np.float64)
+
+    def sync(self, group: Any) -> None:
+        """Merge every rank's discounted returns of this rollout into the statistics (data-parallel runs)."""
+        if self.enabled:
+            self.stats.sync(group)
 
     def __call__(self, rewards: np.ndarray, episode_end: np.ndarray) -> np.ndarray:
         if not self.enabled:

@@ -16,16 +16,33 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class ActorCritic(Protocol):
-    """What PPO needs from a policy, whatever the env: sample, re-score, and estimate value."""
+    """What PPO needs from a policy, whatever the env: sample, re-score, and estimate value.
+
+    Every computation PPO trains on goes through ``forward`` (``module(obs, actions, episode_ids)``),
+    so a ``DistributedDataParallel`` wrapper around the policy averages its gradients over ranks.
+    """
+
+    sequence_model: bool
+    """Whether observations are token sequences re-scored one episode per forward (minibatches of whole
+    episodes, ``episode_ids`` given to ``forward``)."""
+    obs_shape: tuple[int, ...]
+    """Shape of one observation as stored in the rollout buffer."""
+    obs_dtype: torch.dtype
+
+    def preprocess(self, obs: Any) -> torch.Tensor:
+        """A batch of env observations (already normalised where that applies) -> the stored tensor."""
+        ...
+
+    def forward(
+        self, obs: torch.Tensor, actions: torch.Tensor, episode_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(log_prob, entropy, value)`` of stored actions under the current weights (with gradients)."""
+        ...
 
     def act(
         self, obs: torch.Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(action, log_prob, value)`` for a batch of observations."""
-        ...
-
-    def evaluate(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(log_prob, entropy, value)`` of stored actions under the current weights."""
         ...
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
@@ -35,6 +52,14 @@ class ActorCritic(Protocol):
     def to_env_action(self, actions: torch.Tensor) -> np.ndarray:
         """Turn sampled actions into what ``env.step`` accepts (ints, or clipped to bounds)."""
         ...
+
+    def parameters(self, recurse: bool = True) -> Any: ...
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def _layer(inputs: int, outputs: int, gain: float) -> nn.Linear:
@@ -62,9 +87,12 @@ class MLPActorCritic(nn.Module):
     for the log-probabilities; only ``to_env_action`` clips them to the Box bounds.
     """
 
+    sequence_model = False
+
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, config: PPOConfig) -> None:
         super().__init__()
         obs_dim = int(np.prod(observation_space.shape))
+        self.obs_shape, self.obs_dtype = tuple(observation_space.shape), torch.float32
         self.action_space = action_space
         self.discrete = isinstance(action_space, spaces.Discrete)
         out = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
@@ -112,9 +140,16 @@ class MLPActorCritic(nn.Module):
             actions = head if deterministic else head + self.log_std.exp() * noise
         return actions, self._log_prob_entropy(head, actions)[0], self.value(obs)
 
-    def evaluate(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def preprocess(self, obs: Any) -> torch.Tensor:
+        return torch.as_tensor(obs, dtype=torch.float32)
+
+    def forward(
+        self, obs: torch.Tensor, actions: torch.Tensor, episode_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         log_prob, entropy = self._log_prob_entropy(self._head(obs), actions)
         return log_prob, entropy, self.value(obs)
+
+    evaluate = forward  # the name the update used before ``forward``
 
     def to_env_action(self, actions: torch.Tensor) -> np.ndarray:
         if self.discrete:

@@ -6,6 +6,7 @@ hides how they are stored, and this file only runs the algorithm (Schulman et al
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -16,17 +17,19 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
+from torch.nn.parallel import DistributedDataParallel
 
 from agents import checkpoint
 from agents.buffer import Minibatch, RolloutBuffer
 from agents.config import PPOConfig, replace, resolve_config
+from agents.distributed import data_parallel, process_group
 from agents.envs import autoreset_mode, env_id_of, make_vector_env, single_env_copy, token_eval_env
 from agents.errors import NonFiniteError, all_finite, first_nonfinite, nonfinite_tensor
 from agents.logger import Logger, episode_info_metrics, episode_samples
 from agents.lora import trainable_parameters
 from agents.losses import clipped_surrogate, kl_penalty_surrogate, masked_mean, value_loss
 from agents.normalize import ObservationNormalizer, RewardScaler
-from agents.policies import make_policy_for_env
+from agents.policies import ActorCritic, make_policy_for_env
 
 Callback = Callable[["PPO"], "bool | None"]
 
@@ -59,20 +62,24 @@ class PPO:
         self._source_env = env if isinstance(env, gym.Env) else None  # what evaluate() copies
         self.config = resolve_config(self.env_id, config)
         cfg = self.config
+        # under torchrun: one rank of a data-parallel run (its own envs and seeds, one shared policy)
+        self.group = process_group()
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same on every rank: equal initial weights (rank 0's are broadcast too)
+        np.random.seed(cfg.seed + self.group.rank)
+        self.generator = torch.Generator().manual_seed(cfg.seed + self.group.rank)
         self.envs = make_vector_env(env, cfg, self.env_kwargs)
         if self.envs.num_envs != cfg.num_envs:  # a ready VectorEnv decides how many envs there are
             self.config = cfg = replace(cfg, num_envs=self.envs.num_envs)
         self.autoreset_mode = autoreset_mode(self.envs, cfg)
         self.num_envs = self.envs.num_envs
         obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
-        self.policy = make_policy_for_env(self.envs, cfg)
-        self._sequence_policy = getattr(self.policy, "sequence_model", False)
+        self.policy: ActorCritic = make_policy_for_env(self.envs, cfg)
+        self._sequence_policy = self.policy.sequence_model
         self._parameters = trainable_parameters(self.policy)  # under LoRA: adapters and value head
+        # what the update calls: the policy itself, or its DDP wrapper that averages gradients over ranks
+        self._train_forward = data_parallel(self.policy, self.group, cfg)
         self.optimizer = _adam(self._parameters, lr=cfg.learning_rate, eps=cfg.adam_eps)
         if cfg.norm_obs and not isinstance(obs_space, gym.spaces.Box):
             raise ValueError(f"norm_obs=True needs a Box observation space, not {obs_space}; set norm_obs=False")
@@ -82,13 +89,15 @@ class PPO:
         self.reward_scaler = RewardScaler(
             self.num_envs, enabled=cfg.norm_reward, gamma=cfg.gamma, clip=cfg.clip_reward
         )
+        if self.group.active:  # statistics of all ranks, merged once per rollout
+            self.obs_normalizer.stats.defer()
+            self.reward_scaler.stats.defer()
         self.buffer = RolloutBuffer(
             cfg.num_steps, self.num_envs,
-            tuple(getattr(self.policy, "obs_shape", obs_space.shape)), tuple(action_space.shape),
-            obs_dtype=getattr(self.policy, "obs_dtype", torch.float32),
+            tuple(self.policy.obs_shape), tuple(action_space.shape), obs_dtype=self.policy.obs_dtype,
             action_dtype=torch.int64 if isinstance(action_space, gym.spaces.Discrete) else torch.float32,
         )
-        self.logger = Logger(logdir)
+        self.logger = Logger(logdir if self.group.is_main else None)  # rank 0 alone logs
         self.logger.hparams(cfg.to_dict())
         self.global_step = 0
         self.iteration = 0
@@ -102,7 +111,8 @@ class PPO:
         self.last_stats: dict[str, float] = {}
         """What the last iteration logged (losses, SPS, and objective/* for text envs)."""
         self._nonfinite_streak = 0  # minibatch steps skipped in a row (PPOConfig.max_nonfinite_steps)
-        self._next_obs, _ = self.envs.reset(seed=cfg.seed)
+        # rank r's envs are the envs r * num_envs ... of one process running world_size * num_envs
+        self._next_obs, _ = self.envs.reset(seed=cfg.seed + self.group.rank * self.num_envs)
         self._check_obs(self._next_obs, source="reset()")
         self._fresh = True  # every env at the start of an episode (whole-episode rollouts skip a reset)
         self._reset_pending = np.zeros(self.num_envs, dtype=bool)
@@ -125,7 +135,7 @@ class PPO:
         end = self.global_step + int(total_timesteps)
         if self._schedule[1] != end:  # a new schedule, unless a resumed run asks for the same end
             self._schedule = (self.global_step, end)
-        bar = _progress_bar(total_timesteps, progress)
+        bar = _progress_bar(total_timesteps, progress and self.group.is_main)
         while self.global_step < end:
             start_time, start_step = time.perf_counter(), self.global_step
             self._set_learning_rate()
@@ -146,7 +156,8 @@ class PPO:
                 recent = [ret for _, ret, _ in self.episodes[-20:]]
                 if recent:
                     bar.set_postfix(episodic_return=f"{np.mean(recent):.1f}")
-            if callback is not None and callback(self) is False:
+            stop = callback is not None and callback(self) is False
+            if self.group.any(stop):  # one rank stopping stops all: none waits for the others forever
                 break
         if bar is not None:
             bar.close()
@@ -168,6 +179,7 @@ class PPO:
         finished one; later steps of an env that finished early are masked out of training.
         """
         buf, cfg = self.buffer, self.config
+        start_step, local_steps = self.global_step, 0
         waiting = np.zeros(self.num_envs, dtype=bool)  # whole episodes: envs already done this rollout
         if cfg.whole_episodes and not self._fresh:
             self._start_fresh_episodes()
@@ -201,13 +213,26 @@ class PPO:
             if self.autoreset_mode == AutoresetMode.NEXT_STEP:
                 self._reset_pending = done
             self._next_obs = next_obs
-            self.global_step += int(valid.sum())
+            local_steps += int(valid.sum())
+            # all ranks' steps; exact at the rollout's end (until then, this rank's times world_size)
+            self.global_step = start_step + local_steps * self.group.world_size
             if cfg.whole_episodes:
                 waiting |= done
                 if waiting.all():
                     buf.clear_from(step + 1)
-                    return torch.zeros(self.num_envs)  # every episode ended: nothing to bootstrap
-        return self.policy.value(self._obs_tensor(self._next_obs))
+                    break
+        else:
+            last_value = self.policy.value(self._obs_tensor(self._next_obs))
+            self._end_rollout(start_step, local_steps)
+            return last_value
+        self._end_rollout(start_step, local_steps)
+        return torch.zeros(self.num_envs)  # every episode ended: nothing to bootstrap
+
+    def _end_rollout(self, start_step: int, local_steps: int) -> None:
+        """Steps of all ranks, and the normalisation statistics merged over them (one reduction each)."""
+        self.global_step = start_step + int(self.group.sum(local_steps))
+        self.obs_normalizer.sync(self.group)
+        self.reward_scaler.sync(self.group)
 
     def _check_rewards(self, reward: Any, *, step: int) -> np.ndarray:
         """The step's rewards as float64, or an error naming the env, the global step and the value."""
@@ -263,10 +288,7 @@ class PPO:
 
     def _obs_tensor(self, obs: Any, *, update: bool = False) -> torch.Tensor:
         """Raw env observations -> the tensor the policy and buffer take."""
-        preprocess = getattr(self.policy, "preprocess", None)
-        if preprocess is not None:
-            return preprocess(obs)
-        return torch.as_tensor(self.obs_normalizer(obs, update=update), dtype=torch.float32)
+        return self.policy.preprocess(self.obs_normalizer(obs, update=update))
 
     def _track_episodes(self, reward: np.ndarray, done: np.ndarray, valid: np.ndarray) -> None:
         self._episode_return += np.where(valid, reward, 0.0)
@@ -305,7 +327,15 @@ class PPO:
         skipped = 0
         for epoch in range(cfg.update_epochs):
             epoch_kl = []
-            batches = self.buffer.minibatches(cfg.num_minibatches, self.generator, by_episode=self._sequence_policy)
+            batches = list(
+                self.buffer.minibatches(cfg.num_minibatches, self.generator, by_episode=self._sequence_policy)
+            )
+            fewest, most = self.group.min(len(batches)), -self.group.min(-len(batches))
+            if fewest != most:  # every rank must take as many steps, or one would wait for the others forever
+                raise ValueError(
+                    f"the ranks' rollouts split into {fewest} to {most} non-empty minibatches: data-parallel "
+                    f"training needs num_minibatches={cfg.num_minibatches} on every rank; lower num_minibatches"
+                )
             for number, batch in enumerate(batches, start=1):
                 where = (f"iteration {self.iteration + 1}, epoch {epoch + 1} of {cfg.update_epochs}, "
                          f"minibatch {number} of {cfg.num_minibatches}")
@@ -316,12 +346,12 @@ class PPO:
                 epoch_kl.append(losses["losses/approx_kl"])
                 for key, value in losses.items():
                     totals.setdefault(key, []).append(value)
-            if cfg.target_kl is not None and epoch_kl and float(np.mean(epoch_kl)) > cfg.target_kl:
-                break
+            if cfg.target_kl is not None and epoch_kl and self.group.mean(float(np.mean(epoch_kl))) > cfg.target_kl:
+                break  # the KL averaged over ranks: every rank stops after the same epoch
         stats = {key: float(np.mean(values)) for key, values in totals.items()}
         stats["losses/skipped_steps"] = float(skipped)
         if cfg.policy_loss == "kl_penalty" and "losses/approx_kl" in stats:
-            self._adapt_kl_beta(stats["losses/approx_kl"])
+            self._adapt_kl_beta(self.group.mean(stats["losses/approx_kl"]))
             stats["losses/kl_beta"] = self.kl_beta
         real = self.buffer.mask.flatten() > 0
         returns, values = self.buffer.returns.flatten()[real], self.buffer.values.flatten()[real]
@@ -336,24 +366,29 @@ class PPO:
         loss or gradient norm never reaches the weights: the step is skipped (returns None) or raises
         NonFiniteError naming ``where``, as ``PPOConfig.max_nonfinite_steps`` says.
         """
-        cfg = self.config
+        cfg, group = self.config, self.group
         advantages = batch.advantages
-        if cfg.norm_adv:  # statistics of the whole minibatch, whatever the chunks
-            mean = masked_mean(advantages, batch.mask)
-            std = masked_mean((advantages - mean) ** 2, batch.mask).sqrt()
+        steps = float(batch.mask.sum())
+        if cfg.norm_adv:  # statistics of the whole minibatch (of all ranks' minibatches), whatever the chunks
+            mean = group.masked_mean(advantages, batch.mask)
+            std = group.masked_mean((advantages - mean) ** 2, batch.mask).sqrt()
             advantages = (advantages - mean) / (std + 1e-8)
-        total = batch.mask.sum().clamp(min=1.0)
+        # each rank's loss is its sum over steps / (all steps / world size): DDP's mean over ranks of
+        # the gradients is then the gradient of the mean over every rank's steps
+        share = max(float(group.sum(steps)), 1.0) / group.world_size
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
         total_loss = 0.0
-        for index in batch.chunks(cfg.gradient_accumulation_steps, by_episode=self._sequence_policy):
+        chunks = batch.chunks(cfg.gradient_accumulation_steps, by_episode=self._sequence_policy)
+        for number, index in enumerate(chunks, start=1):
             chunk = batch.subset(index)
-            weight = chunk.mask.sum() / total
-            loss, chunk_stats = self._chunk_loss(chunk, advantages[index])
-            (weight * loss).backward()
-            total_loss += float(weight) * loss.item()
+            chunk_steps = float(chunk.mask.sum())
+            with self._gradient_sync(last=number == len(chunks)):
+                loss, chunk_stats = self._chunk_loss(chunk, advantages[index])
+                (chunk_steps / share * loss).backward()
+            total_loss += chunk_steps / max(steps, 1.0) * loss.item()  # this rank's, for logging and checks
             for key, value in chunk_stats.items():
-                stats[key] = stats.get(key, 0.0) + float(weight) * value
+                stats[key] = stats.get(key, 0.0) + chunk_steps / max(steps, 1.0) * value
         if cfg.ptx_coef > 0:
             ptx_loss = self.policy.pretraining_loss(self.generator)
             (cfg.ptx_coef * ptx_loss).backward()
@@ -361,7 +396,7 @@ class PPO:
             total_loss += cfg.ptx_coef * stats["losses/ptx_loss"]
         # the norm before clipping: NaN or inf if any gradient is (clipping would spread it to all)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self._parameters, cfg.max_grad_norm, foreach=True))
-        if not (np.isfinite(total_loss) and np.isfinite(grad_norm)):
+        if group.any(not (np.isfinite(total_loss) and np.isfinite(grad_norm))):  # every rank skips, or none
             self._skip_or_raise(total_loss, grad_norm, where)
             return None
         self.optimizer.step()
@@ -369,6 +404,12 @@ class PPO:
         self._nonfinite_streak = 0
         self._check_weights(where)
         return stats
+
+    def _gradient_sync(self, *, last: bool) -> Any:
+        """DDP averages gradients at the last chunk's backward only (``no_sync`` before it)."""
+        if last or not isinstance(self._train_forward, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self._train_forward.no_sync()
 
     def _skip_or_raise(self, loss: float, grad_norm: float, where: str) -> None:
         """Drop a non-finite step's gradients; raise once more than ``max_nonfinite_steps`` came in a row."""
@@ -404,10 +445,7 @@ class PPO:
     def _chunk_loss(self, batch: Minibatch, advantages: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The PPO loss (clipped or KL-penalised surrogate, value loss, entropy bonus) on some steps."""
         cfg = self.config
-        if self._sequence_policy:
-            logprob, entropy, value = self.policy.evaluate(batch.obs, batch.actions, batch.episode_ids)
-        else:
-            logprob, entropy, value = self.policy.evaluate(batch.obs, batch.actions)
+        logprob, entropy, value = self._train_forward(batch.obs, batch.actions, batch.episode_ids)
         log_ratio = logprob - batch.logprobs
         ratio = log_ratio.exp()
         kl_per_sample = (ratio - 1) - log_ratio  # k3: unbiased, never negative (Schulman's blog)
@@ -607,12 +645,18 @@ class PPO:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write everything needed to continue this run exactly, atomically.
 
+        In a data-parallel run every rank calls it; rank 0 writes one file holding each rank's envs and
+        random streams, which :meth:`load` resumes at the same or another world size.
+
         Refuses (NonFiniteError) weights or optimizer state holding NaN / inf, leaving a checkpoint
         already at ``path`` untouched. :func:`agents.checkpoint.describe` lists what the file holds.
         """
         state = checkpoint.agent_state(self)
-        checkpoint.check_finite(state, path)
-        checkpoint.save_checkpoint(state, path)
+        checkpoint.gather_ranks(state, self.group)  # data-parallel: every rank's envs and RNGs, to rank 0
+        checkpoint.check_finite(state, path)  # the same verdict on every rank: the weights are shared
+        if self.group.is_main:  # rank 0 alone writes
+            checkpoint.save_checkpoint(state, path)
+        self.group.barrier()  # the file is complete before any rank goes on (and may load it)
 
     @classmethod
     def load(

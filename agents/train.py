@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +82,14 @@ USER_ERRORS = (ValueError, TypeError, gym.error.Error, CheckpointError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; under ``torchrun`` every rank runs it and rank 0 alone prints (and writes --save)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _main(argv)
+    return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a bad command line (2), already printed

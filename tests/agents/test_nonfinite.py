@@ -78,17 +78,17 @@ def test_a_non_finite_first_observation_is_caught_at_reset():
 
 
 def _nan_values_for(agent: PPO, calls: set[int]) -> list[int]:
-    """Make ``policy.evaluate`` return NaN values on the given (0-based) calls; returns the call counter."""
-    original, counter = agent.policy.evaluate, [0]
+    """Make the policy's ``forward`` (what the update runs) return NaN values on the given (0-based) calls."""
+    original, counter = agent.policy.forward, [0]
 
-    def evaluate(*args, **kwargs):
+    def forward(*args, **kwargs):
         logprob, entropy, value = original(*args, **kwargs)
         if counter[0] in calls:
             value = value * float("nan")
         counter[0] += 1
         return logprob, entropy, value
 
-    agent.policy.evaluate = evaluate
+    agent.policy.forward = forward
     return counter
 
 
