@@ -180,6 +180,7 @@ class PPO:
         """
         buf, cfg = self.buffer, self.config
         start_step, local_steps = self.global_step, 0
+        kl_coef_before = self._env_kl_coef()
         waiting = np.zeros(self.num_envs, dtype=bool)  # whole episodes: envs already done this rollout
         if cfg.whole_episodes and not self._fresh:
             self._start_fresh_episodes()
@@ -223,16 +224,26 @@ class PPO:
                     break
         else:
             last_value = self.policy.value(self._obs_tensor(self._next_obs))
-            self._end_rollout(start_step, local_steps)
+            self._end_rollout(start_step, local_steps, kl_coef_before)
             return last_value
-        self._end_rollout(start_step, local_steps)
+        self._end_rollout(start_step, local_steps, kl_coef_before)
         return torch.zeros(self.num_envs)  # every episode ended: nothing to bootstrap
 
-    def _end_rollout(self, start_step: int, local_steps: int) -> None:
-        """Steps of all ranks, and the normalisation statistics merged over them (one reduction each)."""
+    def _end_rollout(self, start_step: int, local_steps: int, kl_coef_before: float | None) -> None:
+        """Steps of all ranks, and the statistics merged over them (one reduction each)."""
         self.global_step = start_step + int(self.group.sum(local_steps))
         self.obs_normalizer.sync(self.group)
         self.reward_scaler.sync(self.group)
+        if self.group.active and kl_coef_before:
+            # an adaptive KL controller (TextRLHF-v0) moved by a factor on each rank's episodes: the
+            # product of the factors is the move one process would make after all of them
+            factor = self._env_kl_coef() / kl_coef_before
+            self.envs.kl_controller.value = kl_coef_before * float(torch.exp(self.group.sum(np.log(factor))))
+
+    def _env_kl_coef(self) -> float | None:
+        """The env's KL coefficient where its controller can adapt it (TextRLHF-v0), else None."""
+        value = getattr(getattr(self.envs, "kl_controller", None), "value", None)
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
     def _check_rewards(self, reward: Any, *, step: int) -> np.ndarray:
         """The step's rewards as float64, or an error naming the env, the global step and the value."""

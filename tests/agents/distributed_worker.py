@@ -50,18 +50,20 @@ def text_updates(out: Path, model_dir: str) -> None:
     """A few updates of a tiny language model on TextRLHF-v0 (the DDP-wrapped LM actor-critic)."""
     import gymnasium as gym
 
-    import textenv  # noqa: F401
+    from textenv import AdaptiveKLController
     from textenv.testing import SAMPLE_PROMPTS
 
+    # an adaptive KL coefficient moves with each rank's episodes: the ranks must agree on it
+    controller = AdaptiveKLController(init_kl_coef=0.1, target=0.01, horizon=20)
     envs = gym.make_vec("TextRLHF-v0", num_envs=2, model=model_dir, reward="length", prompts=list(SAMPLE_PROMPTS),
-                        max_new_tokens=4)
+                        max_new_tokens=4, kl_coef=controller)
     agent = PPO(envs, PPOConfig(num_steps=4, whole_episodes=True, update_epochs=2, num_minibatches=2,
                                 learning_rate=1e-3, seed=2))
     start = flat_parameters(agent)
     agent.learn(3 * agent.config.batch_size, progress=False)
     responses = agent.buffer.actions.flatten().tolist()
     facts = group_facts() | {"start_sum": sum(start), "end": flat_parameters(agent), "tokens": responses,
-                             "iteration": agent.iteration}
+                             "iteration": agent.iteration, "kl_coef": envs.kl_coef}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(facts))
 
 

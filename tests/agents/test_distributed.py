@@ -99,6 +99,7 @@ def test_the_language_model_policy_trains_data_parallel(tmp_path):
     assert zero["iteration"] == one["iteration"] >= 2  # 3 rollouts' worth of steps, counted over both ranks
     assert zero["end"] == one["end"] and sum(zero["end"]) != zero["start_sum"]
     assert zero["tokens"] != one["tokens"]  # each rank sampled its own responses
+    assert zero["kl_coef"] == one["kl_coef"] != 0.1  # the adaptive KL coefficient moved, and agrees
 
 
 def test_cartpole_learns_on_two_ranks_of_four_envs_as_on_one_of_eight(tmp_path):
