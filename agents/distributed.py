@@ -1,8 +1,8 @@
 """Data-parallel training on torch.distributed: each rank owns its envs, the policy is DDP-wrapped.
 
 Under ``torchrun`` (or ``accelerate launch``) the launcher sets ``WORLD_SIZE``, ``RANK`` and the
-rendezvous address; :func:`process_group` joins that group once per process (gloo on CPU, NCCL on
-CUDA). Gradients are averaged by ``DistributedDataParallel``; what else must be global (advantage
+rendezvous address; :func:`process_group` joins that group once per process (gloo); a group the
+script initialised itself is used as it is. Gradients are averaged by ``DistributedDataParallel``; what else must be global (advantage
 whitening, normalisation statistics, early stops) goes through the small reductions below, which
 are the identity in a single process.
 """
@@ -84,10 +84,9 @@ def process_group() -> ProcessGroup:
     if not dist.is_available():  # pragma: no cover - torch built without distributed support
         raise RuntimeError(f"WORLD_SIZE={world_size}, but this torch build has no torch.distributed")
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        # gloo: the statistics reduced here are CPU tensors, and gloo also all-reduces CUDA gradients;
+        # NCCL needs every reduced tensor on the GPU, which comes with PPOConfig(device=...)
+        dist.init_process_group(backend="gloo")
     return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
