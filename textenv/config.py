@@ -3,15 +3,44 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 from .kl import KL_ESTIMATORS, KLController, as_kl_controller
 
-__all__ = ["TextEnvConfig", "eos_ids", "check_context", "check_tokenizer_size", "check_reset_options"]
+__all__ = ["TextEnvConfig", "eos_ids", "check_context", "check_tokenizer_size", "check_reset_options",
+           "UnknownSettingError", "known_keywords_only"]
+
+Init = TypeVar("Init", bound=Callable[..., None])
+
+
+class UnknownSettingError(ConfigError, TypeError):
+    """An env keyword that does not exist (a TypeError, as Python's own for unknown keywords)."""
+
+
+def known_keywords_only(init: Init) -> Init:
+    """Wrap an env ``__init__`` so a misspelt keyword names the closest real one.
+
+    ``gym.make("TextRLHF-v0", max_new_token=8)`` would otherwise be Python's bare "unexpected
+    keyword argument", far from the list of settings.
+    """
+    names = [name for name in inspect.signature(init).parameters if name != "self"]
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]}=?" if close else f"the settings are: {', '.join(names)}"
+                raise UnknownSettingError(f"{type(self).__name__} has no setting {key!r}; {hint}")
+        init(self, *args, **kwargs)
+
+    return checked  # type: ignore[return-value]
 
 REF_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # where transformers configs keep the longest sequence a model takes (GPT-2 style, then others)

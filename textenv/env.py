@@ -12,7 +12,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from .config import check_reset_options
+from .config import check_reset_options, known_keywords_only
 from .core import Engine, TextEnvAttributes, build_components
 from .errors import ConfigError, InvalidAction, ResetNeeded
 from .kl import KLController
@@ -130,6 +130,7 @@ class TextRLHFEnv(TextEnvAttributes, gym.Env):
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
+    @known_keywords_only
     def __init__(
         self,
         model: nn.Module | str | os.PathLike | None = None,

@@ -14,7 +14,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from torch import nn
 
-from .config import check_reset_options
+from .config import check_reset_options, known_keywords_only
 from .core import Engine, TextEnvAttributes, build_components
 from .env import check_token, observation_space
 from .errors import ConfigError, InvalidAction, ResetNeeded
@@ -52,6 +52,7 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
 
     metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.SAME_STEP}
 
+    @known_keywords_only
     def __init__(
         self,
         num_envs: int = 1,
