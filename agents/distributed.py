@@ -2,9 +2,9 @@
 
 Under ``torchrun`` (or ``accelerate launch``) the launcher sets ``WORLD_SIZE``, ``RANK`` and the
 rendezvous address; :func:`process_group` joins that group once per process (gloo); a group the
-script initialised itself is used as it is. Gradients are averaged by ``DistributedDataParallel``; what else must be global (advantage
-whitening, normalisation statistics, early stops) goes through the small reductions below, which
-are the identity in a single process.
+script initialised itself is used as it is. Gradients are averaged by ``DistributedDataParallel``;
+what else must be global (advantage whitening, normalisation statistics, early stops) goes through
+the small reductions below, which are the identity in a single process.
 """
 
 from __future__ import annotations
