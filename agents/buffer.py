@@ -75,7 +75,7 @@ class Minibatch:
         """Split the steps into ``count`` index sets of about equal size (whole episodes if asked)."""
         n = self.mask.shape[0]
         if not by_episode:
-            return [part for part in torch.arange(n).chunk(count) if len(part)]
+            return [part for part in torch.arange(n, device=self.mask.device).chunk(count) if len(part)]
         episodes, owner = torch.unique(self.episode_ids, return_inverse=True)
         group = owner * count // len(episodes)
         return [index for g in range(count) if len(index := torch.nonzero(group == g).squeeze(-1))]
@@ -92,21 +92,23 @@ class RolloutBuffer:
     def __init__(
         self, num_steps: int, num_envs: int, obs_shape: tuple[int, ...], action_shape: tuple[int, ...],
         *, obs_dtype: torch.dtype = torch.float32, action_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         shape = (num_steps, num_envs)
-        self.num_steps, self.num_envs = num_steps, num_envs
-        self.obs = torch.zeros(shape + obs_shape, dtype=obs_dtype)
-        self.actions = torch.zeros(shape + action_shape, dtype=action_dtype)
-        self.logprobs = torch.zeros(shape)
-        self.rewards = torch.zeros(shape)
-        self.values = torch.zeros(shape)
-        self.terminated = torch.zeros(shape)
-        self.episode_end = torch.zeros(shape)
-        self.mask = torch.ones(shape)
-        self.final_values = torch.zeros(shape)
-        self.has_final_value = torch.zeros(shape, dtype=torch.bool)
-        self.advantages = torch.zeros(shape)
-        self.returns = torch.zeros(shape)
+        self.num_steps, self.num_envs, self.device = num_steps, num_envs, torch.device(device)
+        zeros = {"device": self.device}
+        self.obs = torch.zeros(shape + obs_shape, dtype=obs_dtype, **zeros)
+        self.actions = torch.zeros(shape + action_shape, dtype=action_dtype, **zeros)
+        self.logprobs = torch.zeros(shape, **zeros)
+        self.rewards = torch.zeros(shape, **zeros)
+        self.values = torch.zeros(shape, **zeros)
+        self.terminated = torch.zeros(shape, **zeros)
+        self.episode_end = torch.zeros(shape, **zeros)
+        self.mask = torch.ones(shape, **zeros)
+        self.final_values = torch.zeros(shape, **zeros)
+        self.has_final_value = torch.zeros(shape, dtype=torch.bool, **zeros)
+        self.advantages = torch.zeros(shape, **zeros)
+        self.returns = torch.zeros(shape, **zeros)
 
     def clear_from(self, step: int) -> None:
         """Mark steps ``step..`` unused (a rollout that ended early): masked, each its own empty episode."""
@@ -132,7 +134,7 @@ class RolloutBuffer:
     def episode_ids(self) -> torch.Tensor:
         """``[T, N]`` ids that are equal exactly for the transitions of one episode."""
         started_before = torch.cumsum(self.episode_end, dim=0) - self.episode_end
-        column = torch.arange(self.num_envs).expand(self.num_steps, -1)
+        column = torch.arange(self.num_envs, device=self.device).expand(self.num_steps, -1)
         return column * (self.num_steps + 1) + started_before.long()
 
     def minibatches(
@@ -147,12 +149,14 @@ class RolloutBuffer:
         episode_ids = self.episode_ids().reshape(n)
         if by_episode:
             # episodes with no trainable step (waiting envs, unused steps) would cost a forward for nothing
-            trained = torch.zeros(int(episode_ids.max()) + 1).index_add_(0, episode_ids, self.mask.reshape(n)) > 0
+            trained = torch.zeros(int(episode_ids.max()) + 1, device=self.device)
+            trained = trained.index_add_(0, episode_ids, self.mask.reshape(n)) > 0
             episodes = torch.unique(episode_ids)
             episodes = episodes[trained[episodes]]
-            shuffled = episodes[torch.randperm(len(episodes), generator=generator)]
+            # the shuffle is drawn on the CPU generator, whatever the device: the same run everywhere
+            shuffled = episodes[torch.randperm(len(episodes), generator=generator).to(self.device)]
             rank = torch.empty_like(episodes)
-            rank[torch.searchsorted(episodes, shuffled)] = torch.arange(len(episodes))
+            rank[torch.searchsorted(episodes, shuffled)] = torch.arange(len(episodes), device=self.device)
             position = torch.searchsorted(episodes, episode_ids).clamp(max=len(episodes) - 1)
             group = torch.where(trained[episode_ids], rank[position] * num_minibatches // len(episodes), -1)
             for g in range(num_minibatches):
@@ -162,7 +166,7 @@ class RolloutBuffer:
             return
         # every transition once per epoch: sizes differ by at most one when n does not divide
         # (CleanRL's fixed-size slices would silently drop the last n % num_minibatches each epoch)
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(self.device)
         for index in torch.tensor_split(order, num_minibatches):
             if len(index):
                 yield self._slice(index, episode_ids)

@@ -135,6 +135,9 @@ class PPOConfig:
     """Seeds torch, numpy, the envs and the action sampling: the same seed gives the same run."""
     torch_threads: int | None = None
     """``torch.set_num_threads`` for this process; ``None`` leaves torch's choice."""
+    device: str = "auto"
+    """Where the policy, the rollout buffer and the sampling live: ``"auto"`` (a TextRLHF-v0 env's
+    model device; otherwise CUDA when present, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
     max_nonfinite_steps: int = 0
     """Minibatch steps in a row whose loss or gradient norm is NaN / inf that may be skipped (no optimizer
     step, gradients zeroed, counted in ``losses/skipped_steps``) before training stops with
@@ -277,6 +280,11 @@ def _is_lora_config(value: Any) -> bool:
     return value is None or type(value).__name__ == "LoraConfig"
 
 
+def _is_device_name(name: str) -> bool:
+    kind, _, index = name.partition(":")
+    return (name in ("auto", "cpu", "cuda", "mps")) or (kind == "cuda" and index.isdigit())
+
+
 _KINDS: dict[str, tuple[str, Any]] = {
     "positive_int": ("a positive integer", lambda v: _is_int(v) and v >= 1),
     "count": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
@@ -294,6 +302,7 @@ _KINDS: dict[str, tuple[str, Any]] = {
     "dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
     "modules": ("'all-linear' or a non-empty tuple of module names", _is_modules),
     "lora_config": ("a peft.LoraConfig, its dict, or None", _is_lora_config),
+    "device": ("'auto', 'cpu', 'cuda' or 'cuda:N'", lambda v: isinstance(v, str) and _is_device_name(v)),
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -322,7 +331,7 @@ FIELD_RULES: dict[str, tuple[str, Any]] = {
     "seed": ("seed", 0), "torch_threads": ("positive_int_or_none", 4), "max_nonfinite_steps": ("count", 3),
     "lora_r": ("count", 16), "lora_alpha": ("positive", 32.0), "lora_dropout": ("dropout", 0.05),
     "lora_target_modules": ("modules", "all-linear"), "lora_config": ("lora_config", None),
-    "gradient_checkpointing": ("bool", True),
+    "gradient_checkpointing": ("bool", True), "device": ("device", "cpu"),
 }
 
 
@@ -368,6 +377,8 @@ def _wrong_type(kind: str, value: Any) -> str:
     if kind == "bool" and isinstance(value, bool):
         return ""
     if kind in ("widths", "modules") and isinstance(value, (tuple, str)):
+        return ""
+    if kind == "device" and isinstance(value, str):
         return ""
     name = type(value).__name__
     return f", not {'an' if name[0] in 'aeiou' else 'a'} {name}"

@@ -47,7 +47,7 @@ class ProcessGroup:
         if not self.active:
             return (values * mask).sum() / mask.sum().clamp(min=1.0)
         total, count = self.sum([float((values * mask).sum()), float(mask.sum())])
-        return (total / count.clamp(min=1.0)).to(values.dtype)
+        return (total / count.clamp(min=1.0)).to(device=values.device, dtype=values.dtype)
 
     def mean(self, value: float) -> float:
         """The mean of a number over ranks."""

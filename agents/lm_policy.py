@@ -45,7 +45,8 @@ def sample_tokens(log_probs: torch.Tensor, generator: torch.Generator | None) ->
     float64 so that the tail of a 49k-entry vocabulary keeps its probability.
     """
     cdf = log_probs.exp().double().cumsum(-1)
-    uniform = torch.rand(log_probs.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+    # drawn on the (CPU) generator whatever the device: the same tokens on every device
+    uniform = torch.rand(log_probs.shape[0], 1, generator=generator, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, uniform).squeeze(-1).clamp(max=log_probs.shape[-1] - 1)
 
 
@@ -102,7 +103,7 @@ class LMActorCritic(nn.Module):
         hidden = int(self.model.config.hidden_size)
         if self.critic_trunk is not None:
             hidden = int(self.critic_trunk.config.hidden_size)
-        self.value_head = nn.Linear(hidden, 1)
+        self.value_head = nn.Linear(hidden, 1, device=next(self.model.parameters()).device)
         # zero head: initial values are 0 and the value loss does not push the shared trunk at first
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -120,10 +121,14 @@ class LMActorCritic(nn.Module):
 
     # ------------------------------------------------------------------ observations
     def preprocess(self, obs: dict[str, np.ndarray]) -> torch.Tensor:
-        """Dict of ``[N, L]`` arrays -> ``[N, 2, L]`` int64 tensor (ids, attention mask)."""
+        """Dict of ``[N, L]`` arrays -> ``[N, 2, L]`` int64 tensor (ids, attention mask) on the model's device."""
         return torch.stack(
             [torch.as_tensor(obs["input_ids"], dtype=torch.int64), torch.as_tensor(obs["attention_mask"])], dim=-2
-        ).long()
+        ).long().to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.weight.device
 
     def _is_env_state(self, obs: torch.Tensor) -> bool:
         current = getattr(self.envs, "next_logprobs", None)
@@ -171,7 +176,7 @@ class LMActorCritic(nn.Module):
     def _current(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token log-probs and values for a batch of states, reusing the env's cache if possible."""
         ids, mask = obs[:, 0], obs[:, 1]
-        rows, last = torch.arange(obs.shape[0]), _last_index(mask)
+        rows, last = torch.arange(obs.shape[0], device=obs.device), _last_index(mask)
         if not self._is_env_state(obs):
             return self._heads(ids, mask, rows, last)
         if self.critic_trunk is None:
@@ -201,10 +206,11 @@ class LMActorCritic(nn.Module):
         ids, mask = obs[:, 0], obs[:, 1]
         last = _last_index(mask)
         if episode_ids is None:
-            episode_ids = torch.arange(obs.shape[0])
+            episode_ids = torch.arange(obs.shape[0], device=obs.device)
         episodes, rows = torch.unique(episode_ids, return_inverse=True)
-        longest = torch.full((len(episodes),), -1, dtype=torch.long).scatter_reduce(0, rows, last, "amax")
-        owner = torch.zeros(len(episodes), dtype=torch.long)
+        longest = torch.full((len(episodes),), -1, dtype=torch.long, device=obs.device)
+        longest = longest.scatter_reduce(0, rows, last, "amax")
+        owner = torch.zeros(len(episodes), dtype=torch.long, device=obs.device)
         is_longest = last == longest[rows]
         owner[rows[is_longest]] = torch.nonzero(is_longest).squeeze(-1)
         seq_ids, seq_mask = ids[owner], mask[owner]
@@ -224,13 +230,13 @@ class LMActorCritic(nn.Module):
     evaluate = forward  # the name the update used before ``forward``
 
     def to_env_action(self, actions: torch.Tensor) -> np.ndarray:
-        return actions.numpy().astype(np.int64)
+        return actions.cpu().numpy().astype(np.int64)
 
     def pretraining_loss(self, generator: torch.Generator) -> torch.Tensor:
         """Next-token cross-entropy on a batch of pre-training texts (PPO-ptx, Ouyang et al. 2022)."""
         if self.pretraining is None:
             raise ValueError("pretraining_loss needs PPOConfig.ptx_coef > 0 and ptx_data")
-        ids, mask = self.pretraining.sample(generator)
+        ids, mask = (t.to(self.device) for t in self.pretraining.sample(generator))
         labels = ids.masked_fill(mask == 0, -100)
         return self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
 

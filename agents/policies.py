@@ -55,6 +55,8 @@ class ActorCritic(Protocol):
 
     def parameters(self, recurse: bool = True) -> Any: ...
 
+    def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
     def named_parameters(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any: ...
@@ -133,15 +135,16 @@ class MLPActorCritic(nn.Module):
         if self.discrete:
             if deterministic:
                 actions = head.argmax(-1)
-            else:
-                actions = torch.multinomial(torch.softmax(head, -1), 1, generator=generator).squeeze(-1)
+            else:  # drawn on the (CPU) generator whatever the device: the same run on every device
+                probs = torch.softmax(head, -1).cpu()
+                actions = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(head.device)
         else:
-            noise = torch.randn(head.shape, generator=generator, dtype=head.dtype)
+            noise = torch.randn(head.shape, generator=generator, dtype=head.dtype).to(head.device)
             actions = head if deterministic else head + self.log_std.exp() * noise
         return actions, self._log_prob_entropy(head, actions)[0], self.value(obs)
 
     def preprocess(self, obs: Any) -> torch.Tensor:
-        return torch.as_tensor(obs, dtype=torch.float32)
+        return torch.as_tensor(obs, dtype=torch.float32, device=self.critic_head.weight.device)
 
     def forward(
         self, obs: torch.Tensor, actions: torch.Tensor, episode_ids: torch.Tensor | None = None
@@ -153,9 +156,9 @@ class MLPActorCritic(nn.Module):
 
     def to_env_action(self, actions: torch.Tensor) -> np.ndarray:
         if self.discrete:
-            return actions.numpy().astype(np.int64)
+            return actions.cpu().numpy().astype(np.int64)
         clipped = torch.maximum(torch.minimum(actions, self.high), self.low)
-        return clipped.reshape((-1,) + tuple(self.action_space.shape)).numpy()
+        return clipped.reshape((-1,) + tuple(self.action_space.shape)).cpu().numpy()
 
 
 def make_policy(observation_space: spaces.Space, action_space: spaces.Space, config: PPOConfig) -> MLPActorCritic:

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from agents import checkpoint
 from agents.buffer import Minibatch, RolloutBuffer
 from agents.config import PPOConfig, replace, resolve_config
+from agents.devices import training_device
 from agents.distributed import data_parallel, process_group
 from agents.envs import autoreset_mode, env_id_of, make_vector_env, single_env_copy, token_eval_env
 from agents.errors import NonFiniteError, all_finite, first_nonfinite, nonfinite_tensor
@@ -75,7 +76,9 @@ class PPO:
         self.autoreset_mode = autoreset_mode(self.envs, cfg)
         self.num_envs = self.envs.num_envs
         obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
+        self.device = training_device(cfg.device, self.envs)  # a text env's model device, CUDA, or the CPU
         self.policy: ActorCritic = make_policy_for_env(self.envs, cfg)
+        self.policy.to(self.device)
         self._sequence_policy = self.policy.sequence_model
         self._parameters = trainable_parameters(self.policy)  # under LoRA: adapters and value head
         # what the update calls: the policy itself, or its DDP wrapper that averages gradients over ranks
@@ -94,7 +97,8 @@ class PPO:
             self.reward_scaler.stats.defer()
         self.buffer = RolloutBuffer(
             cfg.num_steps, self.num_envs,
-            tuple(self.policy.obs_shape), tuple(action_space.shape), obs_dtype=self.policy.obs_dtype,
+            tuple(self.policy.obs_shape), tuple(action_space.shape),
+            obs_dtype=self.policy.obs_dtype, device=self.device,
             action_dtype=torch.int64 if isinstance(action_space, gym.spaces.Discrete) else torch.float32,
         )
         self.logger = Logger(logdir if self.group.is_main else None)  # rank 0 alone logs
@@ -209,7 +213,7 @@ class PPO:
                 for i in ended:
                     self._check_obs(info["final_obs"][i][None], source="step() (final_obs)", step=step, env=int(i))
                 final = self._obs_tensor(np.stack([info["final_obs"][i] for i in ended]))
-                buf.final_values[step, torch.as_tensor(cut)] = self.policy.value(final)
+                buf.final_values[step, torch.as_tensor(cut, device=self.device)] = self.policy.value(final)
                 buf.has_final_value[step] = torch.as_tensor(cut)
             if self.autoreset_mode == AutoresetMode.NEXT_STEP:
                 self._reset_pending = done
@@ -227,7 +231,7 @@ class PPO:
             self._end_rollout(start_step, local_steps, kl_coef_before)
             return last_value
         self._end_rollout(start_step, local_steps, kl_coef_before)
-        return torch.zeros(self.num_envs)  # every episode ended: nothing to bootstrap
+        return torch.zeros(self.num_envs, device=self.device)  # every episode ended: nothing to bootstrap
 
     def _end_rollout(self, start_step: int, local_steps: int, kl_coef_before: float | None) -> None:
         """Steps of all ranks, and the statistics merged over them (one reduction each)."""
