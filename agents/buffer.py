@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -109,6 +110,22 @@ class RolloutBuffer:
         self.has_final_value = torch.zeros(shape, dtype=torch.bool, **zeros)
         self.advantages = torch.zeros(shape, **zeros)
         self.returns = torch.zeros(shape, **zeros)
+
+    def add(self, step: int, *, obs: torch.Tensor, action: torch.Tensor, logprob: torch.Tensor, value: torch.Tensor,
+            reward: Any, terminated: Any, episode_end: Any, valid: Any) -> None:
+        """Store one vector-env step; ``valid`` False marks envs whose step must not be trained on."""
+        self.obs[step], self.actions[step], self.logprobs[step], self.values[step] = obs, action, logprob, value
+        self.rewards[step] = torch.as_tensor(reward, dtype=torch.float32)
+        self.terminated[step] = torch.as_tensor(terminated, dtype=torch.float32)
+        self.episode_end[step] = torch.as_tensor(episode_end, dtype=torch.float32)
+        self.mask[step] = torch.as_tensor(valid, dtype=torch.float32)
+        self.has_final_value[step] = False
+
+    def add_final_values(self, step: int, envs: Any, values: torch.Tensor) -> None:
+        """V(final observation) of the envs (a bool mask) whose episode a time limit cut at ``step``."""
+        cut = torch.as_tensor(envs, device=self.device)
+        self.final_values[step, cut] = values
+        self.has_final_value[step] = cut
 
     def clear_from(self, step: int) -> None:
         """Mark steps ``step..`` unused (a rollout that ended early): masked, each its own empty episode."""

@@ -147,7 +147,7 @@ def agent_state(agent: PPO) -> dict[str, Any]:
     """Everything a run needs to continue exactly: weights, optimizer, statistics, RNGs, envs, progress."""
     state = {
         "env_id": agent.env_id,
-        "built_from_id": agent._built_from_id,
+        "built_from_id": agent.training_state()["built_from_id"],
         "env_kwargs": agent.env_kwargs if _is_plain_data(agent.env_kwargs) else None,
         "config": agent.config.to_dict(),
         "spaces": {"observation": agent.envs.single_observation_space, "action": agent.envs.single_action_space},
@@ -156,11 +156,7 @@ def agent_state(agent: PPO) -> dict[str, Any]:
         "obs_normalizer": agent.obs_normalizer.stats.state_dict(),
         "reward_scaler": agent.reward_scaler.state_dict(),
         "rng": capture_rng(agent.generator),
-        "progress": {
-            "global_step": agent.global_step, "iteration": agent.iteration, "kl_beta": agent.kl_beta,
-            "schedule": agent._schedule, "episodes": list(agent.episodes),
-            "nonfinite_streak": agent._nonfinite_streak,
-        },
+        "progress": agent.training_state()["progress"],
         "env_state": _env_state(agent),
         "reference": _reference_record(agent),
     }
@@ -247,11 +243,7 @@ def restore_agent(agent: PPO, state: dict[str, Any], path: str | os.PathLike[str
     with _part("reward_scaler", path):
         agent.reward_scaler.load_state_dict(state["reward_scaler"])
     with _part("progress", path):
-        progress = state["progress"]
-        agent.global_step, agent.iteration = int(progress["global_step"]), int(progress["iteration"])
-        agent.kl_beta, agent._schedule = float(progress["kl_beta"]), tuple(progress["schedule"])
-        agent.episodes = [tuple(e) for e in progress["episodes"]]
-        agent._nonfinite_streak = int(progress.get("nonfinite_streak", 0))
+        agent.load_progress(state["progress"])
     if state["env_state"] is None:  # a rank beyond the checkpoint's world size: fresh episodes, own seeds
         return
     with _part("env_state", path):
@@ -382,8 +374,7 @@ class _ByteCounter(io.RawIOBase):
 def _env_state(agent: PPO) -> dict[str, Any]:
     envs = agent.envs
     state: dict[str, Any] = {
-        "next_obs": agent._next_obs, "reset_pending": agent._reset_pending, "fresh": agent._fresh,
-        "episode_return": agent._episode_return, "episode_length": agent._episode_length, "sub_envs": None,
+        **agent.training_state()["rollout"], "sub_envs": None,
         # envs that can describe their own state (TextRLHF-v0: episodes in flight, KL controller)
         "vector_env": envs.state_dict() if hasattr(envs, "state_dict") else None,
     }
@@ -407,9 +398,7 @@ def _restore_env_state(agent: PPO, state: dict[str, Any]) -> None:
         if len(restored) != len(sub_envs):
             return
         agent.envs.envs = restored
-    agent._next_obs, agent._reset_pending = state["next_obs"], state["reset_pending"]
-    agent._fresh = bool(state.get("fresh", False))
-    agent._episode_return, agent._episode_length = state["episode_return"], state["episode_length"]
+    agent.load_rollout(state)
 
 
 def _is_plain_data(value: Any) -> bool:

@@ -25,8 +25,9 @@ from agents.config import PPOConfig, replace, resolve_config
 from agents.devices import training_device
 from agents.distributed import data_parallel, process_group
 from agents.envs import autoreset_mode, env_id_of, make_vector_env, single_env_copy, token_eval_env
+from agents.episodes import EpisodeTracker
 from agents.errors import NonFiniteError, all_finite, first_nonfinite, nonfinite_tensor
-from agents.logger import Logger, episode_info_metrics, episode_samples
+from agents.logger import Logger
 from agents.lora import trainable_parameters
 from agents.losses import clipped_surrogate, kl_penalty_surrogate, masked_mean, value_loss
 from agents.normalize import ObservationNormalizer, RewardScaler
@@ -106,12 +107,8 @@ class PPO:
         self.global_step = 0
         self.iteration = 0
         self.kl_beta = cfg.kl_beta
-        self.episodes: list[tuple[int, float, int]] = []
-        """Every finished training episode as ``(global_step, return, length)``."""
+        self.tracker = EpisodeTracker(self.num_envs)
         self._schedule = (0, 0)
-        self._episode_metrics: dict[str, list[float]] = {}
-        self._iteration_returns: list[float] = []
-        self._samples: list[str] = []
         self.last_stats: dict[str, float] = {}
         """What the last iteration logged (losses, SPS, and objective/* for text envs)."""
         self._nonfinite_streak = 0  # minibatch steps skipped in a row (PPOConfig.max_nonfinite_steps)
@@ -120,8 +117,11 @@ class PPO:
         self._check_obs(self._next_obs, source="reset()")
         self._fresh = True  # every env at the start of an episode (whole-episode rollouts skip a reset)
         self._reset_pending = np.zeros(self.num_envs, dtype=bool)
-        self._episode_return = np.zeros(self.num_envs)
-        self._episode_length = np.zeros(self.num_envs, dtype=np.int64)
+
+    @property
+    def episodes(self) -> list[tuple[int, float, int]]:
+        """Every finished training episode (of this rank) as ``(global_step, return, length)``."""
+        return self.tracker.finished
 
     # ------------------------------------------------------------------ training loop
     def learn(
@@ -152,7 +152,7 @@ class PPO:
             self.iteration += 1
             stats["charts/SPS"] = (self.global_step - start_step) / (time.perf_counter() - start_time)
             stats["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
-            stats.update(self._flush_episode_metrics())
+            stats.update(self.tracker.flush(self.logger, self.global_step))
             self.last_stats = stats
             self.logger.scalars(stats, self.global_step)
             if bar is not None:
@@ -198,14 +198,11 @@ class PPO:
             self._check_obs(next_obs, source="step()", step=step)
             valid = ~self._reset_pending & ~waiting  # next-step autoreset: this step only reset those envs
             done = (terminated | truncated) & valid
-            self._track_episodes(reward, done, valid)
-            self._track_episode_info(info, done)
-            buf.obs[step], buf.actions[step], buf.logprobs[step], buf.values[step] = obs, action, logprob, value
-            buf.rewards[step] = torch.as_tensor(self.reward_scaler(reward, done))
-            buf.terminated[step] = torch.as_tensor(terminated & valid, dtype=torch.float32)
-            buf.episode_end[step] = torch.as_tensor(done, dtype=torch.float32)
-            buf.mask[step] = torch.as_tensor(valid, dtype=torch.float32)
-            buf.has_final_value[step] = False
+            self.tracker.step(reward, done, valid, self.global_step, self.logger)
+            self.tracker.report(self._episode_end_info(info), done)
+            buf.add(step, obs=obs, action=action, logprob=logprob, value=value,
+                    reward=self.reward_scaler(reward, done), terminated=terminated & valid, episode_end=done,
+                    valid=valid)
             cut = truncated & ~terminated & valid
             if self.autoreset_mode == AutoresetMode.SAME_STEP and cut.any():
                 # the time limit is not a real end: bootstrap from the value of the state reached
@@ -213,8 +210,7 @@ class PPO:
                 for i in ended:
                     self._check_obs(info["final_obs"][i][None], source="step() (final_obs)", step=step, env=int(i))
                 final = self._obs_tensor(np.stack([info["final_obs"][i] for i in ended]))
-                buf.final_values[step, torch.as_tensor(cut, device=self.device)] = self.policy.value(final)
-                buf.has_final_value[step] = torch.as_tensor(cut)
+                buf.add_final_values(step, cut, self.policy.value(final))
             if self.autoreset_mode == AutoresetMode.NEXT_STEP:
                 self._reset_pending = done
             self._next_obs = next_obs
@@ -295,7 +291,7 @@ class PPO:
         self._next_obs, _ = self.envs.reset()
         self._check_obs(self._next_obs, source="reset()")
         self._reset_pending[:] = False
-        self._episode_return[:], self._episode_length[:] = 0.0, 0
+        self.tracker.restart()
 
     def _episode_end_info(self, info: dict[str, Any]) -> dict[str, Any]:
         """Where a step's info keeps what the envs reported at an episode end (same-step autoreset: nested)."""
@@ -304,36 +300,6 @@ class PPO:
     def _obs_tensor(self, obs: Any, *, update: bool = False) -> torch.Tensor:
         """Raw env observations -> the tensor the policy and buffer take."""
         return self.policy.preprocess(self.obs_normalizer(obs, update=update))
-
-    def _track_episodes(self, reward: np.ndarray, done: np.ndarray, valid: np.ndarray) -> None:
-        self._episode_return += np.where(valid, reward, 0.0)
-        self._episode_length += valid
-        for i in np.flatnonzero(done):
-            ret, length = float(self._episode_return[i]), int(self._episode_length[i])
-            step = self.global_step + int(valid[: i + 1].sum())
-            self.episodes.append((step, ret, length))
-            self._iteration_returns.append(ret)
-            self.logger.scalars({"charts/episodic_return": ret, "charts/episodic_length": length}, step)
-        self._episode_return[done] = 0.0
-        self._episode_length[done] = 0
-
-    def _track_episode_info(self, info: dict[str, Any], done: np.ndarray) -> None:
-        if not done.any():
-            return
-        final_info = self._episode_end_info(info)
-        for tag, values in episode_info_metrics(final_info, done).items():
-            self._episode_metrics.setdefault(tag, []).extend(values)
-        self._samples = (self._samples + episode_samples(final_info, done))[-4:]
-
-    def _flush_episode_metrics(self) -> dict[str, float]:
-        stats = {tag: float(np.mean(values)) for tag, values in self._episode_metrics.items() if values}
-        if "objective/score" in stats and self._iteration_returns:
-            stats["objective/rlhf_reward"] = float(np.mean(self._iteration_returns))  # score + KL penalty
-            stats["objective/non_score_reward"] = stats["objective/rlhf_reward"] - stats["objective/score"]
-        if self._samples:
-            self.logger.text("samples", "\n\n".join(self._samples), self.global_step)
-        self._episode_metrics, self._iteration_returns, self._samples = {}, [], []
-        return stats
 
     def update(self) -> dict[str, float]:
         """K epochs of minibatch gradient steps on the rollout; returns the losses to log."""
@@ -657,6 +623,33 @@ class PPO:
         return returns[:rows].tolist()
 
     # ------------------------------------------------------------------ checkpoints
+    def training_state(self) -> dict[str, Any]:
+        """Where the run stands (progress, schedule, the observation to act on, episodes in flight):
+        what a checkpoint needs beyond weights, optimizer, statistics, RNGs and the envs' own state."""
+        return {
+            "built_from_id": self._built_from_id,
+            "progress": {
+                "global_step": self.global_step, "iteration": self.iteration, "kl_beta": self.kl_beta,
+                "schedule": self._schedule, "episodes": list(self.tracker.finished),
+                "nonfinite_streak": self._nonfinite_streak,
+            },
+            "rollout": {"next_obs": self._next_obs, "reset_pending": self._reset_pending, "fresh": self._fresh,
+                        **{k: v for k, v in self.tracker.state_dict().items() if k != "episodes"}},
+        }
+
+    def load_progress(self, progress: dict[str, Any]) -> None:
+        """Inverse of ``training_state()["progress"]``."""
+        self.global_step, self.iteration = int(progress["global_step"]), int(progress["iteration"])
+        self.kl_beta, self._schedule = float(progress["kl_beta"]), tuple(progress["schedule"])
+        self.tracker.load_state_dict({"episodes": progress["episodes"]})
+        self._nonfinite_streak = int(progress.get("nonfinite_streak", 0))
+
+    def load_rollout(self, rollout: dict[str, Any]) -> None:
+        """Inverse of ``training_state()["rollout"]``: continue the episodes in flight where they were."""
+        self._next_obs, self._reset_pending = rollout["next_obs"], rollout["reset_pending"]
+        self._fresh = bool(rollout.get("fresh", False))
+        self.tracker.load_state_dict(rollout)
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write everything needed to continue this run exactly, atomically.
 
