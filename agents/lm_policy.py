@@ -3,8 +3,8 @@
 The actor is the env's own language model (the very module, so the env's KL reward follows the
 weights PPO changes). The critic is a value head on the actor's trunk (TRL style) or a separate
 trunk (DeepSpeed-Chat style), chosen by ``PPOConfig.critic``. During rollouts the env already ran
-the policy forward with its KV cache, so sampling reads ``env.next_logprobs`` / ``env.next_hidden``
-instead of a second forward; updates re-run each episode's whole sequence once.
+the policy forward with its KV cache, so sampling takes it from ``env.next_token_cache()`` instead of
+a second forward; updates re-run each episode's whole sequence once.
 """
 
 from __future__ import annotations
@@ -130,11 +130,11 @@ class LMActorCritic(nn.Module):
     def device(self) -> torch.device:
         return self.value_head.weight.device
 
-    def _is_env_state(self, obs: torch.Tensor) -> bool:
-        current = getattr(self.envs, "next_logprobs", None)
-        if current is None or current.shape[0] != obs.shape[0]:
-            return False
-        return torch.equal(self.preprocess(self.envs.current_obs), obs)
+    def _env_cache(self, obs: torch.Tensor) -> Any:
+        """The env's own forward at ``obs`` (``next_token_cache()``, the documented hand-off), or None."""
+        hand_off = getattr(self.envs, "next_token_cache", None)
+        cache = hand_off() if callable(hand_off) else None
+        return cache if cache is not None and cache.matches(obs[:, 0], obs[:, 1]) else None
 
     # ------------------------------------------------------------------ forward passes
     def _trunk_hidden(self, trunk: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -177,13 +177,14 @@ class LMActorCritic(nn.Module):
         """Next-token log-probs and values for a batch of states, reusing the env's cache if possible."""
         ids, mask = obs[:, 0], obs[:, 1]
         rows, last = torch.arange(obs.shape[0], device=obs.device), _last_index(mask)
-        if not self._is_env_state(obs):
+        cache = self._env_cache(obs)
+        if cache is None:
             return self._heads(ids, mask, rows, last)
         if self.critic_trunk is None:
-            value_hidden = self.envs.next_hidden
+            value_hidden = cache.hidden
         else:  # the separate critic has no cache of its own: one pass over the states
             value_hidden = self._hidden_at(self.critic_trunk, ids, mask, rows, last)
-        return self.envs.next_logprobs, self.value_head(value_hidden.float()).squeeze(-1)
+        return cache.logprobs, self.value_head(value_hidden.float()).squeeze(-1)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self._current(obs)[1]

@@ -586,8 +586,9 @@ class PPO:
     ) -> list[float]:
         """Whole episodes of a token env, ``min(n_episodes, num_envs)`` at a time on the env's KV cache.
 
-        The policy reads the env's cached next-token distribution through ``policy.envs`` (it checks that
-        the env's ``current_obs`` is the obs it is asked about), so it points at the evaluation env meanwhile.
+        The policy reads the env's cached next-token distribution through ``policy.envs`` (its
+        ``next_token_cache()``, checked against the obs it is asked about), so it points at the evaluation
+        env meanwhile.
         """
         envs = token_eval_env(self.envs, min(n_episodes, self.num_envs))
         training_envs = self.policy.envs

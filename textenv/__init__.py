@@ -32,12 +32,13 @@ from .rewards import (
     list_rewards,
     register_reward,
 )
-from .vector import TextRLHFVectorEnv
+from .vector import NextTokenCache, TextRLHFVectorEnv
 
 __all__ = [
     "ENV_ID",
     "TextRLHFEnv",
     "TextRLHFVectorEnv",
+    "NextTokenCache",
     "TextEnvConfig",
     "AdaptiveKLController",
     "FixedKLController",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,24 @@ from .state import capture_rng, check_env_state, env_state, restore_rng
 __all__ = ["TextRLHFVectorEnv"]
 
 RESET_OPTIONS = ("reset_mask", "prompt_index")
+
+
+@dataclass(frozen=True)
+class NextTokenCache:
+    """What `TextRLHFVectorEnv.next_token_cache()` hands an agent: one forward of the env's policy."""
+
+    obs: dict[str, np.ndarray]
+    """The observation (`input_ids`, `attention_mask`, [num_envs, L]) the outputs belong to."""
+    logprobs: torch.Tensor
+    """[num_envs, vocab] float32 log pi(. | state) at the env's temperature (and top-k / top-p)."""
+    hidden: torch.Tensor
+    """[num_envs, hidden] last-layer hidden state at each row's last token."""
+
+    def matches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+        """Whether a batch of states ([N, L] each) is exactly the one the cache was computed for."""
+        ids, mask = (torch.as_tensor(self.obs[k]) for k in ("input_ids", "attention_mask"))
+        return (ids.shape == input_ids.shape and torch.equal(ids.to(input_ids.device), input_ids)
+                and torch.equal(mask.to(attention_mask.device).long(), attention_mask.long()))
 
 
 class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
@@ -128,6 +147,19 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
     def current_obs(self) -> dict[str, np.ndarray] | None:
         """A copy of the observation the sub-envs are in now (what `next_logprobs` belongs to)."""
         return self._engine.observations() if self._started else None
+
+    def next_token_cache(self) -> NextTokenCache | None:
+        """The hand-off to an agent: the policy forward this env already ran at the current states.
+
+        An agent whose policy is this env's `model` samples the next tokens from `logprobs` (and
+        reads its value head off `hidden`) instead of running the model again, after checking with
+        `matches(obs)` that the observation it acts on is the one these belong to. None before the
+        first reset.
+        """
+        if not self._started:
+            return None
+        logprobs = self._engine.next_logprobs()  # refreshes the cache first if the weights changed
+        return NextTokenCache(self._engine.observations(), logprobs, self._engine.policy.hidden)
 
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None

@@ -202,3 +202,17 @@ def test_rollouts_inside_and_outside_inference_mode_mix(tiny_dir, boost):
     with torch.inference_mode():
         *_, info = vec.step(random_actions(rng, 3, vec.single_action_space.n, 1))
     assert np.isfinite(vec.next_logprobs.numpy()).all()
+
+
+def test_next_token_cache_is_the_envs_forward_at_the_current_states(tiny_dir):
+    envs = gym.make_vec("TextRLHF-v0", num_envs=3, model=tiny_dir, max_new_tokens=4)
+    assert envs.next_token_cache() is None  # before the first reset
+    obs, _ = envs.reset(seed=0)
+    cache = envs.next_token_cache()
+    ids, mask = torch.as_tensor(obs["input_ids"]), torch.as_tensor(obs["attention_mask"])
+    assert cache.matches(ids, mask) and torch.equal(cache.logprobs, envs.next_logprobs)
+    assert cache.hidden.shape[0] == 3
+    obs, *_ = envs.step(np.array([5, 6, 7]))
+    assert not cache.matches(torch.as_tensor(obs["input_ids"]), torch.as_tensor(obs["attention_mask"]))
+    fresh = envs.next_token_cache()
+    assert fresh.matches(torch.as_tensor(obs["input_ids"]), torch.as_tensor(obs["attention_mask"]))
