@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -14,7 +15,7 @@ from .errors import ConfigError
 from .kl import KL_ESTIMATORS, KLController, as_kl_controller
 
 __all__ = ["TextEnvConfig", "eos_ids", "check_context", "check_tokenizer_size", "check_reset_options",
-           "UnknownSettingError", "known_keywords_only"]
+           "UnknownSettingError", "takes_env_settings"]
 
 Init = TypeVar("Init", bound=Callable[..., None])
 
@@ -23,13 +24,18 @@ class UnknownSettingError(ConfigError, TypeError):
     """An env keyword that does not exist (a TypeError, as Python's own for unknown keywords)."""
 
 
-def known_keywords_only(init: Init) -> Init:
-    """Wrap an env ``__init__`` so a misspelt keyword names the closest real one.
+def takes_env_settings(init: Init) -> Init:
+    """Give an env ``__init__(self, ..., **settings)`` the `TextEnvConfig` fields as keywords.
 
-    ``gym.make("TextRLHF-v0", max_new_token=8)`` would otherwise be Python's bare "unexpected
-    keyword argument", far from the list of settings.
+    The settings are declared once, in `TextEnvConfig` (types, defaults, docs, checks); the wrapped
+    ``__init__`` receives only those the caller passed, shows all of them in its signature (for
+    ``help``, IDEs and ``inspect``), and answers a misspelt keyword with the closest real one:
+    ``gym.make("TextRLHF-v0", max_new_token=8)`` would otherwise get Python's bare "unexpected keyword".
     """
-    names = [name for name in inspect.signature(init).parameters if name != "self"]
+    own = [p for p in inspect.signature(init).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    settings = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                for f in dataclasses.fields(TextEnvConfig)]
+    names = [p.name for p in own if p.name != "self"] + [p.name for p in settings]
 
     @functools.wraps(init)
     def checked(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -40,7 +46,10 @@ def known_keywords_only(init: Init) -> Init:
                 raise UnknownSettingError(f"{type(self).__name__} has no setting {key!r}; {hint}")
         init(self, *args, **kwargs)
 
+    checked.__signature__ = inspect.Signature(own + settings)  # type: ignore[attr-defined]
+    del checked.__wrapped__  # inspect must read the signature above, not the **settings one
     return checked  # type: ignore[return-value]
+
 
 REF_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # where transformers configs keep the longest sequence a model takes (GPT-2 style, then others)

@@ -81,7 +81,8 @@ def build_components(
     config alone), tokenizer and prompt lengths, reward models; the policy's weights load last, so a
     mistake anywhere costs no policy load.
     """
-    controller = as_kl_controller(_unwrap(settings.pop("kl_coef")))
+    settings = dict(settings)  # the TextEnvConfig fields the caller set; the others keep their defaults
+    controller = as_kl_controller(_unwrap(settings.pop("kl_coef", TextEnvConfig.kl_coef)))
     _check_controller(controller)
     config = TextEnvConfig(kl_coef=controller, **settings)
     device = target_device(model, device)

@@ -12,10 +12,9 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from .config import check_reset_options, known_keywords_only
+from .config import check_reset_options, takes_env_settings
 from .core import Engine, TextEnvAttributes, build_components
 from .errors import ConfigError, InvalidAction, ResetNeeded
-from .kl import KLController
 from .state import capture_rng, check_env_state, env_state, restore_rng
 
 __all__ = ["TextRLHFEnv", "observation_space", "check_token"]
@@ -130,7 +129,7 @@ class TextRLHFEnv(TextEnvAttributes, gym.Env):
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
-    @known_keywords_only
+    @takes_env_settings
     def __init__(
         self,
         model: nn.Module | str | os.PathLike | None = None,
@@ -138,31 +137,14 @@ class TextRLHFEnv(TextEnvAttributes, gym.Env):
         tokenizer: Any = None,
         reward: Any = "sentiment",
         prompts: str | os.PathLike | Sequence[str] | None = None,
-        max_new_tokens: int = 32,
-        max_prompt_tokens: int = 64,
-        temperature: float = 0.7,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        kl_coef: float | KLController = 0.05,
-        kl_estimator: str = "k1",
-        reward_clip: float | None = 5.0,
-        missing_eos_penalty: float | None = None,
-        chat_template: bool = True,
-        truncate_prompts: bool = False,
-        ref_dtype: str | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         device: str | torch.device | None = None,
         render_mode: str | None = None,
+        **settings: Any,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ConfigError(f"render_mode={render_mode!r} is not one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
-        settings = dict(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                        temperature=temperature, top_k=top_k, top_p=top_p, kl_coef=kl_coef,
-                        kl_estimator=kl_estimator,
-                        reward_clip=reward_clip, missing_eos_penalty=missing_eos_penalty,
-                        chat_template=chat_template, truncate_prompts=truncate_prompts,
-                        ref_dtype=ref_dtype)
         self._parts = build_components(model=model, tokenizer=tokenizer, reward=reward, prompts=prompts,
                                        eos_token_id=eos_token_id, device=device, settings=settings)
         self._engine = Engine(self._parts, num_rows=1)

@@ -15,11 +15,10 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 from torch import nn
 
-from .config import check_reset_options, known_keywords_only
+from .config import check_reset_options, takes_env_settings
 from .core import Engine, TextEnvAttributes, build_components
 from .env import check_token, observation_space
 from .errors import ConfigError, InvalidAction, ResetNeeded
-from .kl import KLController
 from .state import capture_rng, check_env_state, env_state, restore_rng
 
 __all__ = ["TextRLHFVectorEnv"]
@@ -71,7 +70,7 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
 
     metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.SAME_STEP}
 
-    @known_keywords_only
+    @takes_env_settings
     def __init__(
         self,
         num_envs: int = 1,
@@ -80,22 +79,11 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
         tokenizer: Any = None,
         reward: Any = "sentiment",
         prompts: str | os.PathLike | Sequence[str] | None = None,
-        max_new_tokens: int = 32,
-        max_prompt_tokens: int = 64,
-        temperature: float = 0.7,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        kl_coef: float | KLController = 0.05,
-        kl_estimator: str = "k1",
-        reward_clip: float | None = 5.0,
-        missing_eos_penalty: float | None = None,
-        chat_template: bool = True,
-        truncate_prompts: bool = False,
-        ref_dtype: str | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         device: str | torch.device | None = None,
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
+        **settings: Any,
     ) -> None:
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ConfigError(f"num_envs={num_envs!r} must be an integer >= 1, e.g. num_envs=16")
@@ -113,12 +101,6 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ConfigError(f"render_mode={render_mode!r} is not one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
-        settings = dict(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                        temperature=temperature, top_k=top_k, top_p=top_p, kl_coef=kl_coef,
-                        kl_estimator=kl_estimator,
-                        reward_clip=reward_clip, missing_eos_penalty=missing_eos_penalty,
-                        chat_template=chat_template, truncate_prompts=truncate_prompts,
-                        ref_dtype=ref_dtype)
         self._parts = build_components(model=model, tokenizer=tokenizer, reward=reward, prompts=prompts,
                                        eos_token_id=eos_token_id, device=device, settings=settings)
         self.num_envs = num_envs
