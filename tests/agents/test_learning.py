@@ -58,7 +58,7 @@ def test_next_step_autoreset_vector_env_counts_only_real_steps():
     agent = PPO(envs, PPOConfig(num_steps=64, num_minibatches=2, seed=0))
     agent.learn(3_000, progress=False)
     finished = sum(length for _, _, length in agent.episodes)
-    assert finished + agent._episode_length.sum() == agent.global_step
+    assert finished + agent.tracker.running_length.sum() == agent.global_step
     assert all(ret == length for _, ret, length in agent.episodes)  # CartPole pays 1 per real step
     assert agent.buffer.mask.min() == 0.0  # reset steps were masked out of the losses
 
