@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from agents.losses import masked_mean
+
 
 @dataclass(frozen=True)
 class ProcessGroup:
@@ -45,7 +47,7 @@ class ProcessGroup:
     def masked_mean(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean of ``values`` where ``mask`` is 1, over every rank's entries (as one process would take it)."""
         if not self.active:
-            return (values * mask).sum() / mask.sum().clamp(min=1.0)
+            return masked_mean(values, mask)
         total, count = self.sum([float((values * mask).sum()), float(mask.sum())])
         return (total / count.clamp(min=1.0)).to(device=values.device, dtype=values.dtype)
 
@@ -67,13 +69,6 @@ class ProcessGroup:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
-
-    def broadcast_module(self, module: torch.nn.Module) -> None:
-        """Rank 0's parameters and buffers on every rank."""
-        if self.active:
-            with torch.no_grad():
-                for tensor in [*module.parameters(), *module.buffers()]:
-                    dist.broadcast(tensor.data, src=0)
 
 
 def process_group() -> ProcessGroup:

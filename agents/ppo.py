@@ -222,12 +222,12 @@ class PPO:
                 if waiting.all():
                     buf.clear_from(step + 1)
                     break
+        if cfg.whole_episodes and waiting.all():  # every episode ended: nothing to bootstrap
+            last_value = torch.zeros(self.num_envs, device=self.device)
         else:
             last_value = self.policy.value(self._obs_tensor(self._next_obs))
-            self._end_rollout(start_step, local_steps, kl_coef_before)
-            return last_value
         self._end_rollout(start_step, local_steps, kl_coef_before)
-        return torch.zeros(self.num_envs, device=self.device)  # every episode ended: nothing to bootstrap
+        return last_value
 
     def _end_rollout(self, start_step: int, local_steps: int, kl_coef_before: float | None) -> None:
         """Steps of all ranks, and the statistics merged over them (one reduction each)."""
