@@ -442,7 +442,7 @@ def load_preset(env_id: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    for key in data.get("config", {}):
+    for key in [*data.get("config", {}), *data.get("with_lora", {})]:
         check_field_name(key)
     return data
 
@@ -463,8 +463,12 @@ def resolve_config(env_id: str | None, config: PPOConfig | dict[str, Any] | None
         # fields assigned one by one were checked alone; their combination is checked here
         return replace(config) if config is not None else PPOConfig()
     merged = dict(preset["config"])
-    if config is not None:
-        merged.update({name: getattr(config, name) for name in explicit_fields(config)})
+    chosen = {name: getattr(config, name) for name in explicit_fields(config)} if config is not None else {}
+    merged.update(chosen)
+    if PPOConfig(**merged).uses_lora:
+        # adapters start at zero and train few weights: they need a larger step than full fine-tuning
+        merged.update(preset.get("with_lora", {}))
+        merged.update(chosen)
     resolved = PPOConfig(**merged)
     # keep the record of what the user chose, so a saved config reloads the same way
     object.__setattr__(resolved, "_explicit", explicit_fields(config) if config is not None else frozenset())

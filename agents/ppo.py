@@ -19,14 +19,14 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from torch.nn.parallel import DistributedDataParallel
 
-from agents import checkpoint
+from agents import checkpoint, evaluation
 from agents.buffer import Minibatch, RolloutBuffer
 from agents.config import PPOConfig, replace, resolve_config
 from agents.devices import training_device
 from agents.distributed import data_parallel, process_group
-from agents.envs import autoreset_mode, env_id_of, make_vector_env, single_env_copy, token_eval_env
+from agents.envs import autoreset_mode, env_id_of, make_vector_env, single_env_copy
 from agents.episodes import EpisodeTracker
-from agents.errors import NonFiniteError, all_finite, first_nonfinite, nonfinite_tensor
+from agents.guards import NonFiniteSteps, check_obs, check_weights, checked_rewards
 from agents.logger import Logger
 from agents.lora import trainable_parameters
 from agents.losses import clipped_surrogate, kl_penalty_surrogate, masked_mean, value_loss
@@ -111,10 +111,10 @@ class PPO:
         self._schedule = (0, 0)
         self.last_stats: dict[str, float] = {}
         """What the last iteration logged (losses, SPS, and objective/* for text envs)."""
-        self._nonfinite_streak = 0  # minibatch steps skipped in a row (PPOConfig.max_nonfinite_steps)
+        self.nonfinite_steps = NonFiniteSteps(cfg.max_nonfinite_steps)  # skipped minibatch steps in a row
         # rank r's envs are the envs r * num_envs ... of one process running world_size * num_envs
         self._next_obs, _ = self.envs.reset(seed=cfg.seed + self.group.rank * self.num_envs)
-        self._check_obs(self._next_obs, source="reset()")
+        check_obs(self._next_obs, source="reset()", when=self._at())
         self._fresh = True  # every env at the start of an episode (whole-episode rollouts skip a reset)
         self._reset_pending = np.zeros(self.num_envs, dtype=bool)
 
@@ -194,8 +194,8 @@ class PPO:
             action, logprob, value = self.policy.act(obs, generator=self.generator)
             next_obs, reward, terminated, truncated, info = self.envs.step(self.policy.to_env_action(action))
             # a NaN is caught where it enters, before the normaliser statistics or the buffer hold it
-            reward = self._check_rewards(reward, step=step)
-            self._check_obs(next_obs, source="step()", step=step)
+            reward = checked_rewards(reward, self.num_envs, env_step=self._at(step))
+            check_obs(next_obs, source="step()", when=self._at(step))
             valid = ~self._reset_pending & ~waiting  # next-step autoreset: this step only reset those envs
             done = (terminated | truncated) & valid
             self.tracker.step(reward, done, valid, self.global_step, self.logger)
@@ -208,7 +208,7 @@ class PPO:
                 # the time limit is not a real end: bootstrap from the value of the state reached
                 ended = np.flatnonzero(cut)
                 for i in ended:
-                    self._check_obs(info["final_obs"][i][None], source="step() (final_obs)", step=step, env=int(i))
+                    check_obs(info["final_obs"][i][None], source="step() (final_obs)", when=self._at(step), env=int(i))
                 final = self._obs_tensor(np.stack([info["final_obs"][i] for i in ended]))
                 buf.add_final_values(step, cut, self.policy.value(final))
             if self.autoreset_mode == AutoresetMode.NEXT_STEP:
@@ -245,51 +245,16 @@ class PPO:
         value = getattr(getattr(self.envs, "kl_controller", None), "value", None)
         return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
-    def _check_rewards(self, reward: Any, *, step: int) -> np.ndarray:
-        """The step's rewards as float64, or an error naming the env, the global step and the value."""
-        try:
-            rewards = np.asarray(reward, dtype=np.float64)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"the vector env returned rewards {reward!r} that are not numbers ({error})") from error
-        if rewards.shape != (self.num_envs,):
-            raise ValueError(
-                f"the vector env returned rewards of shape {rewards.shape}; expected ({self.num_envs},), one per env"
-            )
-        found = first_nonfinite(rewards)
-        if found is not None:
-            (env,), value = found
-            raise NonFiniteError(
-                f"env {env} returned reward {value!r} at global step {self.global_step} (iteration "
-                f"{self.iteration + 1}, rollout step {step}); rewards must be finite numbers within float32's range: "
-                "fix the env's reward, or clip it (gymnasium.wrappers.ClipReward)"
-            )
-        return rewards
-
-    def _check_obs(self, obs: Any, *, source: str, step: int | None = None, env: int | None = None) -> None:
-        """NonFiniteError naming the env, the global step and the entry when a float observation is NaN / inf.
-
-        ``obs`` is batched over envs (``env`` names the one env of a batch of one); integer
-        observations (token ids) are skipped at no cost.
-        """
-        arrays = obs.items() if isinstance(obs, dict) else [(None, obs)]
-        for key, array in arrays:
-            found = first_nonfinite(array)
-            if found is None:
-                continue
-            index, value = found
-            where = f"[{key!r}]" if key is not None else ""
-            entry = ", ".join(map(str, index[1:]))
-            during = f"rollout step {step} of iteration {self.iteration + 1}" if step is not None else "the reset"
-            raise NonFiniteError(
-                f"env {index[0] if env is None else env} returned a non-finite observation from {source} at global "
-                f"step {self.global_step} ({during}): obs{where}[{entry}] = {value!r}; observations must be finite "
-                "numbers within float32's range: fix the env, or wrap it (gymnasium.wrappers.TransformObservation)"
-            )
+    def _at(self, step: int | None = None) -> str:
+        """Where training stands, for error messages: the global step and the rollout step (or the reset)."""
+        if step is None:
+            return f"global step {self.global_step} (the reset)"
+        return f"global step {self.global_step} (iteration {self.iteration + 1}, rollout step {step})"
 
     def _start_fresh_episodes(self) -> None:
         """Reset every env (no seed: their generators carry on) and forget the episodes in flight."""
         self._next_obs, _ = self.envs.reset()
-        self._check_obs(self._next_obs, source="reset()")
+        check_obs(self._next_obs, source="reset()", when=self._at())
         self._reset_pending[:] = False
         self.tracker.restart()
 
@@ -377,13 +342,15 @@ class PPO:
             total_loss += cfg.ptx_coef * stats["losses/ptx_loss"]
         # the norm before clipping: NaN or inf if any gradient is (clipping would spread it to all)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self._parameters, cfg.max_grad_norm, foreach=True))
+        where = f"{where} (global step {self.global_step})"
         if group.any(not (np.isfinite(total_loss) and np.isfinite(grad_norm))):  # every rank skips, or none
-            self._skip_or_raise(total_loss, grad_norm, where)
+            self.optimizer.zero_grad(set_to_none=True)  # the non-finite gradients never reach the weights
+            self.nonfinite_steps.skip_or_raise(total_loss, grad_norm, where=where, learning_rate=cfg.learning_rate)
             return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # gradients freed now, not at the next step: less held
-        self._nonfinite_streak = 0
-        self._check_weights(where)
+        self.nonfinite_steps.passed()
+        check_weights(self._parameters, self.policy, where=where, learning_rate=cfg.learning_rate)
         return stats
 
     def _gradient_sync(self, *, last: bool) -> Any:
@@ -391,37 +358,6 @@ class PPO:
         if last or not isinstance(self._train_forward, DistributedDataParallel):
             return contextlib.nullcontext()
         return self._train_forward.no_sync()
-
-    def _skip_or_raise(self, loss: float, grad_norm: float, where: str) -> None:
-        """Drop a non-finite step's gradients; raise once more than ``max_nonfinite_steps`` came in a row."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self._nonfinite_streak += 1
-        limit = self.config.max_nonfinite_steps
-        if self._nonfinite_streak <= limit:
-            return
-        quantity = f"the loss is {loss!r}" if not np.isfinite(loss) else (
-            f"the gradient norm is {grad_norm!r} (the loss, {loss:.6g}, is finite)")
-        streak = (f"{self._nonfinite_streak} such steps in a row, more than PPOConfig.max_nonfinite_steps={limit}"
-                  if limit else "set PPOConfig.max_nonfinite_steps=N to skip up to N such steps in a row instead")
-        raise NonFiniteError(
-            f"{quantity} at {where} (global step {self.global_step}); the weights were not changed. Likely causes: "
-            f"learning_rate={self.config.learning_rate!r} too large, or rewards / observations of extreme size "
-            f"(try norm_reward=True, norm_obs=True, a smaller max_grad_norm); {streak}"
-        )
-
-    def _check_weights(self, where: str) -> None:
-        # a finite gradient times a huge learning rate can still overflow float32 weights
-        if all_finite(self._parameters):
-            return
-        found = nonfinite_tensor(self.policy.named_parameters())
-        if found is not None:
-            name, bad, numel = found
-            raise NonFiniteError(
-                f"parameter {name!r} holds {bad} non-finite values (of {numel}) after the optimizer step at {where} "
-                f"(global step {self.global_step}): the update overflowed. learning_rate="
-                f"{self.config.learning_rate!r} is likely too large; the weights are unusable now (save() refuses "
-                "them): lower it and restart from the last good checkpoint"
-            )
 
     def _chunk_loss(self, batch: Minibatch, advantages: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The PPO loss (clipped or KL-penalised surrogate, value loss, entropy bonus) on some steps."""
@@ -460,33 +396,15 @@ class PPO:
             self.kl_beta *= 2.0
 
     # ------------------------------------------------------------------ using the policy
+    @property
+    def player(self) -> evaluation.Player:
+        """The policy with this agent's observation preprocessing: what acting without training needs."""
+        return evaluation.Player(self.policy, self._obs_tensor)
+
     def predict(self, obs: Any, *, deterministic: bool = True) -> np.ndarray:
         """Action(s) for one observation or a batch, as the env expects them."""
-        return self._predict(obs, deterministic=deterministic, generator=self.generator)
-
-    def _predict(self, obs: Any, *, deterministic: bool, generator: torch.Generator) -> np.ndarray:
         space = self.envs.single_observation_space
-        if isinstance(obs, dict):  # token envs: {"input_ids": [L] or [N, L], "attention_mask": ...}
-            single = np.asarray(obs["input_ids"]).ndim == 1
-            batch = self._obs_tensor({key: np.asarray(value)[None] if single else value for key, value in obs.items()})
-        else:
-            array = np.asarray(obs, dtype=np.float32)
-            single = array.shape == tuple(space.shape)
-            if not single and array.shape[1:] != tuple(space.shape):
-                raise ValueError(
-                    f"obs has shape {array.shape}; expected {tuple(space.shape)} or (batch, *{tuple(space.shape)})"
-                )
-            found = first_nonfinite(obs)
-            if found is not None:
-                raise NonFiniteError(
-                    f"obs[{', '.join(map(str, found[0]))}] = {found[1]!r} is not finite; predict() needs finite "
-                    "observations within float32's range"
-                )
-            batch = self._obs_tensor(array[None] if single else array)
-        with torch.no_grad():
-            action, _, _ = self.policy.act(batch, deterministic=deterministic, generator=generator)
-        env_action = self.policy.to_env_action(action)
-        return env_action[0] if single else env_action
+        return evaluation.predict(self.player, obs, space, deterministic=deterministic, generator=self.generator)
 
     def sample_episodes(self, n_episodes: int, *, deterministic: bool = False) -> list[dict[str, Any]]:
         """Play ``n_episodes`` whole episodes with the current policy in the training envs, without training.
@@ -496,28 +414,11 @@ class PPO:
         the next rollout starts fresh episodes.
         """
         _check_count("n_episodes", n_episodes, example="10")
-        found: list[dict[str, Any]] = []
-        with torch.inference_mode():
-            while len(found) < n_episodes:
-                obs, _ = self.envs.reset()
-                running = np.ones(self.num_envs, dtype=bool)
-                returns, lengths = np.zeros(self.num_envs), np.zeros(self.num_envs, dtype=np.int64)
-                while running.any():
-                    action, _, _ = self.policy.act(
-                        self._obs_tensor(obs), deterministic=deterministic, generator=self.generator
-                    )
-                    obs, reward, terminated, truncated, info = self.envs.step(self.policy.to_env_action(action))
-                    returns += np.where(running, reward, 0.0)
-                    lengths += running
-                    done = (terminated | truncated) & running
-                    final = self._episode_end_info(info)
-                    for i in np.flatnonzero(done):
-                        reported = {k: v[i] for k, v in final.items() if k[0] != "_" and final.get(f"_{k}", done)[i]}
-                        found.append({"return": float(returns[i]), "length": int(lengths[i])} | reported)
-                    running &= ~done
+        found = evaluation.sample_episodes(self.player, self.envs, n_episodes, deterministic=deterministic,
+                                           generator=self.generator, end_info=self._episode_end_info)
         self._start_fresh_episodes()
         self._fresh = True
-        return found[:n_episodes]
+        return found
 
     def evaluate(
         self, n_episodes: int = 10, *, env: gym.Env | None = None, deterministic: bool = True, seed: int | None = None
@@ -535,22 +436,21 @@ class PPO:
         seed = self.config.seed + 1_000_000 if seed is None else seed
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed={seed!r} must be an integer >= 0 or None, e.g. seed=0")
-        generator = torch.Generator().manual_seed(seed)
+        play = {"seed": seed, "deterministic": deterministic, "generator": torch.Generator().manual_seed(seed)}
         if env is None and self._sequence_policy:
             if not self._built_from_id:
                 # a ready token VectorEnv: its settings are only trusted when made from an id by this agent
                 raise ValueError("this agent's env cannot be rebuilt from its id alone; pass evaluate(env=...)")
-            returns = self._evaluate_batched(n_episodes, deterministic=deterministic, seed=seed, generator=generator)
+            returns = evaluation.token_env_returns(self.player, self.envs, n_episodes, **play)
             return float(np.mean(returns)), float(np.std(returns))
         if isinstance(env, VectorEnv) or (env is not None and not isinstance(env, gym.Env)):
             raise ValueError(f"evaluate(env={env!r}) needs a single gymnasium.Env (not a VectorEnv), or env=None")
         owned = env is None
         env = self._evaluation_env() if env is None else env
         try:
-            returns = [
-                self._play_episode(env, seed=seed + k, deterministic=deterministic, generator=generator)
-                for k in range(n_episodes)
-            ]
+            returns = evaluation.single_env_returns(
+                self.player, env, n_episodes, space=self.envs.single_observation_space, **play
+            )
         finally:
             if owned:
                 env.close()
@@ -565,64 +465,6 @@ class PPO:
             raise ValueError("this agent's env cannot be rebuilt or copied for evaluation; pass evaluate(env=...)")
         return made
 
-    def _play_episode(self, env: gym.Env, *, seed: int, deterministic: bool, generator: torch.Generator) -> float:
-        obs, _ = env.reset(seed=seed)
-        total, done, step = 0.0, False, 0
-        while not done:
-            action = self._predict(obs, deterministic=deterministic, generator=generator)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            if first_nonfinite(reward) is not None:
-                raise NonFiniteError(
-                    f"the evaluation env returned reward {reward!r} at step {step} of the episode reset with "
-                    f"seed {seed}; rewards must be finite numbers"
-                )
-            total += float(reward)
-            done = terminated or truncated
-            step += 1
-        return total
-
-    def _evaluate_batched(
-        self, n_episodes: int, *, deterministic: bool, seed: int, generator: torch.Generator
-    ) -> list[float]:
-        """Whole episodes of a token env, ``min(n_episodes, num_envs)`` at a time on the env's KV cache.
-
-        The policy reads the env's cached next-token distribution through ``policy.envs`` (its
-        ``next_token_cache()``, checked against the obs it is asked about), so it points at the evaluation
-        env meanwhile.
-        """
-        envs = token_eval_env(self.envs, min(n_episodes, self.num_envs))
-        training_envs = self.policy.envs
-        self.policy.envs = envs
-        returns: list[float] = []
-        try:
-            with torch.inference_mode():
-                while len(returns) < n_episodes:
-                    rows = min(envs.num_envs, n_episodes - len(returns))
-                    returns += self._play_round(envs, rows, seed=seed + len(returns), deterministic=deterministic,
-                                                generator=generator)
-        finally:
-            self.policy.envs = training_envs
-            envs.close()
-        return returns
-
-    def _play_round(
-        self, envs: VectorEnv, rows: int, *, seed: int, deterministic: bool, generator: torch.Generator
-    ) -> list[float]:
-        """One episode in each of the first ``rows`` sub-envs (row i reset with ``seed + i``); their returns."""
-        running = np.arange(envs.num_envs) < rows
-        seeds = [seed + i if running[i] else None for i in range(envs.num_envs)]
-        # a last, partial round restarts only the rows it needs; the others wait (autoreset disabled)
-        obs, _ = envs.reset(seed=seeds, options=None if running.all() else {"reset_mask": running})
-        returns = np.zeros(envs.num_envs)
-        while running.any():
-            action, _, _ = self.policy.act(self._obs_tensor(obs), deterministic=deterministic, generator=generator)
-            obs, reward, terminated, truncated, _ = envs.step(self.policy.to_env_action(action))
-            returns += np.where(running, reward, 0.0)
-            running &= ~(terminated | truncated)
-        if first_nonfinite(returns[:rows]) is not None:
-            raise NonFiniteError(f"the evaluation env returned non-finite rewards: episode returns {returns[:rows]}")
-        return returns[:rows].tolist()
-
     # ------------------------------------------------------------------ checkpoints
     def training_state(self) -> dict[str, Any]:
         """Where the run stands (progress, schedule, the observation to act on, episodes in flight):
@@ -632,7 +474,7 @@ class PPO:
             "progress": {
                 "global_step": self.global_step, "iteration": self.iteration, "kl_beta": self.kl_beta,
                 "schedule": self._schedule, "episodes": list(self.tracker.finished),
-                "nonfinite_streak": self._nonfinite_streak,
+                "nonfinite_streak": self.nonfinite_steps.streak,
             },
             "rollout": {"next_obs": self._next_obs, "reset_pending": self._reset_pending, "fresh": self._fresh,
                         **{k: v for k, v in self.tracker.state_dict().items() if k != "episodes"}},
@@ -643,7 +485,7 @@ class PPO:
         self.global_step, self.iteration = int(progress["global_step"]), int(progress["iteration"])
         self.kl_beta, self._schedule = float(progress["kl_beta"]), tuple(progress["schedule"])
         self.tracker.load_state_dict({"episodes": progress["episodes"]})
-        self._nonfinite_streak = int(progress.get("nonfinite_streak", 0))
+        self.nonfinite_steps.streak = int(progress.get("nonfinite_streak", 0))
 
     def load_rollout(self, rollout: dict[str, Any]) -> None:
         """Inverse of ``training_state()["rollout"]``: continue the episodes in flight where they were."""

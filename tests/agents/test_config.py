@@ -230,3 +230,12 @@ def test_minibatch_larger_than_rollout_is_caught_for_a_passed_vector_env():
     message = "num_minibatches=64 is larger than the rollout (num_envs * num_steps = 32)"
     with pytest.raises(ValueError, match=re.escape(message)):
         PPO(envs, PPOConfig(num_steps=16, num_minibatches=64))
+
+
+def test_the_text_preset_raises_the_learning_rate_for_lora_unless_it_is_set():
+    full = resolve_config("TextRLHF-v0", None)
+    lora = resolve_config("TextRLHF-v0", PPOConfig(lora_r=16))
+    chosen = resolve_config("TextRLHF-v0", PPOConfig(lora_r=16, learning_rate=3e-5))
+    assert full.learning_rate == load_preset("TextRLHF-v0")["config"]["learning_rate"]
+    assert lora.learning_rate == load_preset("TextRLHF-v0")["with_lora"]["learning_rate"] > full.learning_rate
+    assert chosen.learning_rate == 3e-5

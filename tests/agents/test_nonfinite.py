@@ -60,8 +60,8 @@ def test_a_reward_beyond_float32_is_as_bad_as_inf():
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_observation_names_the_env_step_and_entry(value):
     agent = _poisoned("obs", at=3, value=value)
-    message = (f"env 1 returned a non-finite observation from step() at global step 4 (rollout step 2 of "
-               f"iteration 1): obs[2] = {value!r}; observations must be finite")
+    message = (f"env 1 returned a non-finite observation from step() at global step 4 (iteration 1, rollout "
+               f"step 2): obs[2] = {value!r}; observations must be finite")
     with pytest.raises(NonFiniteError, match=f"^{re.escape(message)}"):
         agent.learn(64, progress=False)
 
