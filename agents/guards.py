@@ -7,6 +7,7 @@ weights are checked after every optimizer step. ``where`` strings name the globa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,8 +16,11 @@ import torch
 from agents.errors import NonFiniteError, all_finite, first_nonfinite, nonfinite_tensor
 
 
-def checked_rewards(reward: Any, num_envs: int, *, env_step: str) -> np.ndarray:
-    """A step's rewards as float64, or an error naming the env, ``env_step`` and the value."""
+def checked_rewards(reward: Any, num_envs: int, *, when: Callable[[], str]) -> np.ndarray:
+    """A step's rewards as float64, or an error naming the env, ``when()`` and the value.
+
+    ``when`` is only called to write an error: the check runs on every env step.
+    """
     try:
         rewards = np.asarray(reward, dtype=np.float64)
     except (TypeError, ValueError) as error:
@@ -29,14 +33,14 @@ def checked_rewards(reward: Any, num_envs: int, *, env_step: str) -> np.ndarray:
     if found is not None:
         (env,), value = found
         raise NonFiniteError(
-            f"env {env} returned reward {value!r} at {env_step}; rewards must be finite numbers within float32's "
+            f"env {env} returned reward {value!r} at {when()}; rewards must be finite numbers within float32's "
             "range: fix the env's reward, or clip it (gymnasium.wrappers.ClipReward)"
         )
     return rewards
 
 
-def check_obs(obs: Any, *, source: str, when: str, env: int | None = None) -> None:
-    """NonFiniteError naming the env, ``when`` and the entry when a float observation is NaN / inf.
+def check_obs(obs: Any, *, source: str, when: Callable[[], str], env: int | None = None) -> None:
+    """NonFiniteError naming the env, ``when()`` and the entry when a float observation is NaN / inf.
 
     ``obs`` is batched over envs (``env`` names the one env of a batch of one); integer
     observations (token ids) are skipped at no cost.
@@ -50,7 +54,7 @@ def check_obs(obs: Any, *, source: str, when: str, env: int | None = None) -> No
         where = f"[{key!r}]" if key is not None else ""
         entry = ", ".join(map(str, index[1:]))
         raise NonFiniteError(
-            f"env {index[0] if env is None else env} returned a non-finite observation from {source} at {when}: "
+            f"env {index[0] if env is None else env} returned a non-finite observation from {source} at {when()}: "
             f"obs{where}[{entry}] = {value!r}; observations must be finite numbers within float32's range: fix "
             "the env, or wrap it (gymnasium.wrappers.TransformObservation)"
         )

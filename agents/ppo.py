@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -114,7 +115,7 @@ class PPO:
         self.nonfinite_steps = NonFiniteSteps(cfg.max_nonfinite_steps)  # skipped minibatch steps in a row
         # rank r's envs are the envs r * num_envs ... of one process running world_size * num_envs
         self._next_obs, _ = self.envs.reset(seed=cfg.seed + self.group.rank * self.num_envs)
-        check_obs(self._next_obs, source="reset()", when=self._at())
+        check_obs(self._next_obs, source="reset()", when=self._at)
         self._fresh = True  # every env at the start of an episode (whole-episode rollouts skip a reset)
         self._reset_pending = np.zeros(self.num_envs, dtype=bool)
 
@@ -194,8 +195,9 @@ class PPO:
             action, logprob, value = self.policy.act(obs, generator=self.generator)
             next_obs, reward, terminated, truncated, info = self.envs.step(self.policy.to_env_action(action))
             # a NaN is caught where it enters, before the normaliser statistics or the buffer hold it
-            reward = checked_rewards(reward, self.num_envs, env_step=self._at(step))
-            check_obs(next_obs, source="step()", when=self._at(step))
+            at_step = functools.partial(self._at, step)  # the message is only written for an error
+            reward = checked_rewards(reward, self.num_envs, when=at_step)
+            check_obs(next_obs, source="step()", when=at_step)
             valid = ~self._reset_pending & ~waiting  # next-step autoreset: this step only reset those envs
             done = (terminated | truncated) & valid
             self.tracker.step(reward, done, valid, self.global_step, self.logger)
@@ -208,7 +210,7 @@ class PPO:
                 # the time limit is not a real end: bootstrap from the value of the state reached
                 ended = np.flatnonzero(cut)
                 for i in ended:
-                    check_obs(info["final_obs"][i][None], source="step() (final_obs)", when=self._at(step), env=int(i))
+                    check_obs(info["final_obs"][i][None], source="step() (final_obs)", when=at_step, env=int(i))
                 final = self._obs_tensor(np.stack([info["final_obs"][i] for i in ended]))
                 buf.add_final_values(step, cut, self.policy.value(final))
             if self.autoreset_mode == AutoresetMode.NEXT_STEP:
@@ -254,7 +256,7 @@ class PPO:
     def _start_fresh_episodes(self) -> None:
         """Reset every env (no seed: their generators carry on) and forget the episodes in flight."""
         self._next_obs, _ = self.envs.reset()
-        check_obs(self._next_obs, source="reset()", when=self._at())
+        check_obs(self._next_obs, source="reset()", when=self._at)
         self._reset_pending[:] = False
         self.tracker.restart()
 
