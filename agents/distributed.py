@@ -9,6 +9,7 @@ the small reductions below, which are the identity in a single process.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +83,18 @@ def process_group() -> ProcessGroup:
         # gloo: the statistics reduced here are CPU tensors, and gloo also all-reduces CUDA gradients;
         # NCCL needs every reduced tensor on the GPU, which comes with PPOConfig(device=...)
         dist.init_process_group(backend="gloo")
+        atexit.register(_leave_process_group)
     return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def _leave_process_group() -> None:
+    """Destroy the group this module joined while the interpreter is still whole.
+
+    Left to interpreter shutdown, gloo's worker threads are torn down mid-flight and the process
+    aborts ("terminate called without an active exception") after a run that succeeded.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def data_parallel(policy: torch.nn.Module, group: ProcessGroup, config: Any) -> torch.nn.Module:

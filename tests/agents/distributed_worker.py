@@ -91,8 +91,18 @@ def cartpole_learning(out: Path) -> None:
                                                                                  "steps": agent.global_step}))
 
 
+def join_reduce_and_exit(out: Path) -> None:
+    """Join through the library, reduce a few times, return: the process must then exit cleanly."""
+    from agents.distributed import process_group
+
+    group = process_group()
+    for _ in range(50):
+        group.sum(torch.ones(1000))
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(group_facts()))
+
+
 if __name__ == "__main__":
     scenario, out, *rest = sys.argv[1:]
     torch.set_num_threads(1)
     {"cartpole": cartpole_updates, "text": text_updates, "one_update": one_update,
-     "learning": cartpole_learning}[scenario](Path(out), *rest)
+     "learning": cartpole_learning, "exit": join_reduce_and_exit}[scenario](Path(out), *rest)
