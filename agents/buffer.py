@@ -188,6 +188,17 @@ class RolloutBuffer:
             if len(index):
                 yield self._slice(index, episode_ids)
 
+    def idle_minibatch(self) -> Minibatch:
+        """A minibatch that trains on nothing (one stored step, masked out).
+
+        In a data-parallel run a rank whose rollout split into fewer minibatches than another's
+        steps with it, so that every rank takes part in each of DDP's gradient all-reduces.
+        """
+        n = self.num_steps * self.num_envs
+        batch = self._slice(torch.zeros(1, dtype=torch.long, device=self.device), self.episode_ids().reshape(n))
+        batch.mask = torch.zeros_like(batch.mask)
+        return batch
+
     def _slice(self, index: torch.Tensor, episode_ids: torch.Tensor) -> Minibatch:
         n = self.num_steps * self.num_envs
         flat = {

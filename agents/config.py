@@ -20,6 +20,7 @@ POLICY_LOSSES = ("clip", "kl_penalty")
 VECTORIZATION_MODES = ("sync", "async", "vector_entry_point")
 ACTIVATIONS = ("tanh", "relu")
 CRITICS = ("shared", "separate")
+MIXED_PRECISION = ("no", "bf16")
 
 
 @dataclass
@@ -138,6 +139,11 @@ class PPOConfig:
     device: str = "auto"
     """Where the policy, the rollout buffer and the sampling live: ``"auto"`` (a TextRLHF-v0 env's
     model device; otherwise CUDA when present, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    mixed_precision: str = "no"
+    """``"bf16"``: the policy's forwards (the rollout's, a TextRLHF-v0 env's included, and the update's)
+    run under ``torch.autocast`` in bfloat16, for speed and activation memory on GPUs with bf16 (Ampere
+    and later). Weights, optimizer state, gradients, the output layer, log-probs, values, the KL and
+    the losses stay float32. ``"no"``: float32 throughout."""
     max_nonfinite_steps: int = 0
     """Minibatch steps in a row whose loss or gradient norm is NaN / inf that may be skipped (no optimizer
     step, gradients zeroed, counted in ``losses/skipped_steps``) before training stops with
@@ -311,6 +317,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "vectorization": VECTORIZATION_MODES,
     "activation": ACTIVATIONS,
     "critic": CRITICS,
+    "mixed_precision": MIXED_PRECISION,
 }
 
 # field -> (kind, an example value for the message); choices are checked against CHOICES
@@ -331,7 +338,7 @@ FIELD_RULES: dict[str, tuple[str, Any]] = {
     "seed": ("seed", 0), "torch_threads": ("positive_int_or_none", 4), "max_nonfinite_steps": ("count", 3),
     "lora_r": ("count", 16), "lora_alpha": ("positive", 32.0), "lora_dropout": ("dropout", 0.05),
     "lora_target_modules": ("modules", "all-linear"), "lora_config": ("lora_config", None),
-    "gradient_checkpointing": ("bool", True), "device": ("device", "cpu"),
+    "gradient_checkpointing": ("bool", True), "device": ("device", "cpu"), "mixed_precision": ("choice", "bf16"),
 }
 
 

@@ -1,10 +1,11 @@
 """Data-parallel training on torch.distributed: each rank owns its envs, the policy is DDP-wrapped.
 
 Under ``torchrun`` (or ``accelerate launch``) the launcher sets ``WORLD_SIZE``, ``RANK`` and the
-rendezvous address; :func:`process_group` joins that group once per process (gloo); a group the
-script initialised itself is used as it is. Gradients are averaged by ``DistributedDataParallel``;
-what else must be global (advantage whitening, normalisation statistics, early stops) goes through
-the small reductions below, which are the identity in a single process.
+rendezvous address; :func:`process_group` joins that group once per process (gloo, plus NCCL for
+CUDA tensors when the policy can be on a GPU); a group the script initialised itself is used as it
+is. Gradients are averaged by ``DistributedDataParallel``; what else must be global (advantage
+whitening, normalisation statistics, early stops) goes through the small reductions below, which
+are the identity in a single process.
 """
 
 from __future__ import annotations
@@ -72,17 +73,35 @@ class ProcessGroup:
             dist.barrier()
 
 
-def process_group() -> ProcessGroup:
-    """Join the launcher's process group once (``WORLD_SIZE > 1``); a single process otherwise."""
+def backend_for(device: str, *, cuda: bool | None = None, nccl: bool | None = None) -> str:
+    """The process group's backend for ``PPOConfig.device``: gloo, or with GPUs gloo and NCCL side by side.
+
+    The statistics reduced here are small CPU tensors (gloo); DDP's gradients live on the policy's
+    device, and on CUDA NCCL moves them GPU to GPU. ``"cpu:gloo,cuda:nccl"`` routes each tensor to
+    the backend of its device.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    nccl = dist.is_available() and dist.is_nccl_available() if nccl is None else nccl
+    wants_gpu = device == "auto" or device.startswith("cuda")
+    return "cpu:gloo,cuda:nccl" if wants_gpu and cuda and nccl else "gloo"
+
+
+def process_group(device: str = "auto") -> ProcessGroup:
+    """Join the launcher's process group once (``WORLD_SIZE > 1``); a single process otherwise.
+
+    With CUDA, each rank first takes the GPU of its ``LOCAL_RANK``, so "cuda" means that GPU for the
+    policy, the env's models and NCCL alike.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return ProcessGroup()
     if not dist.is_available():  # pragma: no cover - torch built without distributed support
         raise RuntimeError(f"WORLD_SIZE={world_size}, but this torch build has no torch.distributed")
     if not dist.is_initialized():
-        # gloo: the statistics reduced here are CPU tensors, and gloo also all-reduces CUDA gradients;
-        # NCCL needs every reduced tensor on the GPU, which comes with PPOConfig(device=...)
-        dist.init_process_group(backend="gloo")
+        backend = backend_for(device)
+        if "nccl" in backend:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group(backend=backend)
         atexit.register(_leave_process_group)
     return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size())
 
@@ -97,7 +116,20 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def data_parallel(policy: torch.nn.Module, group: ProcessGroup, config: Any) -> torch.nn.Module:
+def share_prompts(envs: Any, group: ProcessGroup) -> None:
+    """Give this rank its share of a text env's prompts (TextRLHF-v0's ``shard_prompts``), so that
+    the ranks train on different prompts rather than each sampling from all of them."""
+    if not group.active:
+        return
+    inner = getattr(envs, "envs", None)  # a SyncVectorEnv holds single envs
+    targets = [envs] + ([env.unwrapped for env in inner] if isinstance(inner, list) else [])
+    for env in targets:
+        shard = getattr(env, "shard_prompts", None)
+        if callable(shard):
+            shard(group.rank, group.world_size)
+
+
+def data_parallel(policy: torch.nn.Module, group: ProcessGroup) -> torch.nn.Module:
     """The module the update calls: ``policy`` itself, or a ``DistributedDataParallel`` around it.
 
     DDP broadcasts rank 0's weights at construction and averages gradients in the backward of every
@@ -105,11 +137,6 @@ def data_parallel(policy: torch.nn.Module, group: ProcessGroup, config: Any) -> 
     """
     if not group.active:
         return policy
-    if config.ptx_coef > 0:
-        raise ValueError(
-            f"PPOConfig.ptx_coef={config.ptx_coef}: the pre-training loss is not averaged over ranks yet; "
-            "train data-parallel with ptx_coef=0, or run one process"
-        )
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(policy.parameters()).device

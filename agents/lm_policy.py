@@ -171,7 +171,12 @@ class LMActorCritic(nn.Module):
             value_hidden = hidden
         else:
             value_hidden = self._hidden_at(self.critic_trunk, ids, mask, rows, cols)
-        return log_probs, self.value_head(value_hidden.float()).squeeze(-1)
+        return log_probs, self._value(value_hidden)
+
+    def _value(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V(s) from trunk hidden states, in float32 also under ``PPOConfig.mixed_precision="bf16"``."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
 
     def _current(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token log-probs and values for a batch of states, reusing the env's cache if possible."""
@@ -184,7 +189,7 @@ class LMActorCritic(nn.Module):
             value_hidden = cache.hidden
         else:  # the separate critic has no cache of its own: one pass over the states
             value_hidden = self._hidden_at(self.critic_trunk, ids, mask, rows, last)
-        return cache.logprobs, self.value_head(value_hidden.float()).squeeze(-1)
+        return cache.logprobs, self._value(value_hidden)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self._current(obs)[1]

@@ -192,4 +192,9 @@ def make_policy_for_env(envs: Any, config: PPOConfig) -> nn.Module:
             "PPOConfig.gradient_checkpointing=True applies to language-model policies on a TextRLHF-v0 env; "
             "the MLP policy keeps no activations worth recomputing: set gradient_checkpointing=False"
         )
+    if config.mixed_precision != "no":
+        raise ValueError(
+            f"PPOConfig.mixed_precision={config.mixed_precision!r} applies to language-model policies on a "
+            "TextRLHF-v0 env; an MLP policy gains nothing from bfloat16: set mixed_precision='no'"
+        )
     return make_policy(envs.single_observation_space, envs.single_action_space, config)

@@ -24,7 +24,7 @@ from agents import checkpoint, evaluation
 from agents.buffer import Minibatch, RolloutBuffer
 from agents.config import PPOConfig, replace, resolve_config
 from agents.devices import training_device
-from agents.distributed import data_parallel, process_group
+from agents.distributed import data_parallel, process_group, share_prompts
 from agents.envs import autoreset_mode, env_id_of, make_vector_env, single_env_copy
 from agents.episodes import EpisodeTracker
 from agents.guards import NonFiniteSteps, check_obs, check_weights, checked_rewards
@@ -66,13 +66,14 @@ class PPO:
         self.config = resolve_config(self.env_id, config)
         cfg = self.config
         # under torchrun: one rank of a data-parallel run (its own envs and seeds, one shared policy)
-        self.group = process_group()
+        self.group = process_group(cfg.device)
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)  # the same on every rank: equal initial weights (rank 0's are broadcast too)
         np.random.seed(cfg.seed + self.group.rank)
         self.generator = torch.Generator().manual_seed(cfg.seed + self.group.rank)
         self.envs = make_vector_env(env, cfg, self.env_kwargs)
+        share_prompts(self.envs, self.group)  # text envs: each rank samples its own share of the prompts
         if self.envs.num_envs != cfg.num_envs:  # a ready VectorEnv decides how many envs there are
             self.config = cfg = replace(cfg, num_envs=self.envs.num_envs)
         self.autoreset_mode = autoreset_mode(self.envs, cfg)
@@ -80,11 +81,15 @@ class PPO:
         obs_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
         self.device = training_device(cfg.device, self.envs)  # a text env's model device, CUDA, or the CPU
         self.policy: ActorCritic = make_policy_for_env(self.envs, cfg)
+        # PPOConfig.mixed_precision: the policy's forwards (rollout and update) in bfloat16
+        self._autocast = functools.partial(
+            torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"
+        )
         self.policy.to(self.device)
         self._sequence_policy = self.policy.sequence_model
         self._parameters = trainable_parameters(self.policy)  # under LoRA: adapters and value head
         # what the update calls: the policy itself, or its DDP wrapper that averages gradients over ranks
-        self._train_forward = data_parallel(self.policy, self.group, cfg)
+        self._train_forward = data_parallel(self.policy, self.group)
         self.optimizer = _adam(self._parameters, lr=cfg.learning_rate, eps=cfg.adam_eps)
         if cfg.norm_obs and not isinstance(obs_space, gym.spaces.Box):
             raise ValueError(f"norm_obs=True needs a Box observation space, not {obs_space}; set norm_obs=False")
@@ -183,6 +188,10 @@ class PPO:
         With ``whole_episodes`` every env starts a fresh episode and the rollout stops once each has
         finished one; later steps of an env that finished early are masked out of training.
         """
+        with self._autocast():  # PPOConfig.mixed_precision: the env's policy forwards too
+            return self._collect_rollout()
+
+    def _collect_rollout(self) -> torch.Tensor:
         buf, cfg = self.buffer, self.config
         start_step, local_steps = self.global_step, 0
         kl_coef_before = self._env_kl_coef()
@@ -278,18 +287,18 @@ class PPO:
             batches = list(
                 self.buffer.minibatches(cfg.num_minibatches, self.generator, by_episode=self._sequence_policy)
             )
-            fewest, most = self.group.min(len(batches)), -self.group.min(-len(batches))
-            if fewest != most:  # every rank must take as many steps, or one would wait for the others forever
-                raise ValueError(
-                    f"the ranks' rollouts split into {fewest} to {most} non-empty minibatches: data-parallel "
-                    f"training needs num_minibatches={cfg.num_minibatches} on every rank; lower num_minibatches"
-                )
+            real = len(batches)
+            # every rank takes as many steps, or one would wait for the others forever: a rank whose
+            # rollout split into fewer minibatches (fewer episodes) adds steps that train on nothing
+            batches += [self.buffer.idle_minibatch()] * (-int(self.group.min(-real)) - real)
             for number, batch in enumerate(batches, start=1):
                 where = (f"iteration {self.iteration + 1}, epoch {epoch + 1} of {cfg.update_epochs}, "
                          f"minibatch {number} of {cfg.num_minibatches}")
                 losses = self._minibatch_step(batch, where=where)
                 if losses is None:  # non-finite, skipped (PPOConfig.max_nonfinite_steps)
                     skipped += 1
+                    continue
+                if number > real:  # an idle step: nothing of this rank's to log
                     continue
                 epoch_kl.append(losses["losses/approx_kl"])
                 for key, value in losses.items():
@@ -327,6 +336,14 @@ class PPO:
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
         total_loss = 0.0
+        if cfg.ptx_coef > 0:
+            # first, outside DDP's forward: its gradient accumulates here and the synced backward of the
+            # last chunk below averages it over ranks with the rest (as DDP's no_sync accumulation does)
+            with self._autocast():
+                ptx_loss = self.policy.pretraining_loss(self.generator)
+            (cfg.ptx_coef * ptx_loss).backward()
+            stats["losses/ptx_loss"] = ptx_loss.item()
+            total_loss += cfg.ptx_coef * stats["losses/ptx_loss"]
         chunks = batch.chunks(cfg.gradient_accumulation_steps, by_episode=self._sequence_policy)
         for number, index in enumerate(chunks, start=1):
             chunk = batch.subset(index)
@@ -337,11 +354,6 @@ class PPO:
             total_loss += chunk_steps / max(steps, 1.0) * loss.item()  # this rank's, for logging and checks
             for key, value in chunk_stats.items():
                 stats[key] = stats.get(key, 0.0) + chunk_steps / max(steps, 1.0) * value
-        if cfg.ptx_coef > 0:
-            ptx_loss = self.policy.pretraining_loss(self.generator)
-            (cfg.ptx_coef * ptx_loss).backward()
-            stats["losses/ptx_loss"] = ptx_loss.item()
-            total_loss += cfg.ptx_coef * stats["losses/ptx_loss"]
         # the norm before clipping: NaN or inf if any gradient is (clipping would spread it to all)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self._parameters, cfg.max_grad_norm, foreach=True))
         where = f"{where} (global step {self.global_step})"
@@ -364,7 +376,8 @@ class PPO:
     def _chunk_loss(self, batch: Minibatch, advantages: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The PPO loss (clipped or KL-penalised surrogate, value loss, entropy bonus) on some steps."""
         cfg = self.config
-        logprob, entropy, value = self._train_forward(batch.obs, batch.actions, batch.episode_ids)
+        with self._autocast():
+            logprob, entropy, value = self._train_forward(batch.obs, batch.actions, batch.episode_ids)
         log_ratio = logprob - batch.logprobs
         ratio = log_ratio.exp()
         kl_per_sample = (ratio - 1) - log_ratio  # k3: unbiased, never negative (Schulman's blog)

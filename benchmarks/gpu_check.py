@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                  # on cuda (the default device)
     python benchmarks/gpu_check.py --device cpu --quick   # the script itself, on a tiny model, anywhere
+    python benchmarks/gpu_check.py --mixed-precision bf16  # the text rows again with bf16 autocast
 
 Prints one table: CartPole steps/s and evaluation return after 50k steps; for each text model, a
 warm-up iteration and then one timed PPO iteration at batch 64 (32 new tokens, no EOS stop, 4 epochs,
@@ -38,7 +39,7 @@ def cartpole(device: str, steps: int) -> dict:
     return {"what": f"CartPole-v1, {steps:,} steps", "steps/s": agent.global_step / elapsed, "return": mean}
 
 
-def text_iteration(name: str, model_dir: str, device: str, batch: int) -> dict:
+def text_iteration(name: str, model_dir: str, device: str, batch: int, mixed_precision: str = "no") -> dict:
     import gymnasium as gym
     from gymnasium.vector import AutoresetMode
 
@@ -48,7 +49,7 @@ def text_iteration(name: str, model_dir: str, device: str, batch: int) -> dict:
     envs = gym.make_vec("TextRLHF-v0", num_envs=batch, model=model_dir, reward="sentiment", max_new_tokens=32,
                         eos_token_id=[], autoreset_mode=AutoresetMode.DISABLED, device=device)
     agent = PPO(envs, PPOConfig(num_steps=32, update_epochs=4, num_minibatches=max(1, batch // 16),
-                                learning_rate=1e-5, seed=0, device=device))
+                                learning_rate=1e-5, seed=0, device=device, mixed_precision=mixed_precision))
 
     def iteration() -> tuple[float, float]:
         start = time.perf_counter()
@@ -66,7 +67,8 @@ def text_iteration(name: str, model_dir: str, device: str, batch: int) -> dict:
         torch.cuda.reset_peak_memory_stats(agent.device)
     rollout_s, iteration_s = iteration()
     parameters = sum(p.numel() for p in agent.policy.parameters())
-    return {"what": f"{name} ({parameters / 1e6:,.0f}M), batch {batch}", "tok/s": batch * 32 / rollout_s,
+    precision = "" if mixed_precision == "no" else f", {mixed_precision} autocast"
+    return {"what": f"{name} ({parameters / 1e6:,.0f}M), batch {batch}{precision}", "tok/s": batch * 32 / rollout_s,
             "s/iteration": iteration_s, "peak GiB": peak_memory_gib(agent.device)}
 
 
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: checks the script")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                        help="PPOConfig.mixed_precision of the text rows")
     args = parser.parse_args()
     from text_ppo import build_llama
 
@@ -95,7 +99,8 @@ def main() -> None:
         models = {"SmolLM2-135M": str(textenv.embedded_model_dir()),
                   "llama-1b": str(build_llama(tmp / "llama-1b", textenv.embedded_model_dir(), "llama-1b"))}
     for name, directory in models.items():
-        rows.append(text_iteration(name, directory, args.device, 8 if args.quick else args.batch))
+        rows.append(text_iteration(name, directory, args.device, 8 if args.quick else args.batch,
+                                   args.mixed_precision))
     print(f"| run ({args.device}) | steps/s or rollout tok/s | s / iteration | peak GPU GiB | eval return |")
     print("|---|---|---|---|---|")
     for row in rows:

@@ -257,6 +257,9 @@ class Engine:
         recomputed = self.policy.stale()
         if recomputed:
             self.policy.refresh()
+        if self.ref.mirror is None and self.ref.stale():  # released after the last episode ended
+            self.ref.refresh()
+            recomputed = True
         mirrored = self.ref.mirror is not None
         self._check_reference()
         if recomputed or (mirrored and self.ref.mirror is None):
@@ -371,6 +374,9 @@ class Engine:
             self.policy.advance(tokens, keep)
             self.ref.advance(tokens, keep)
             self._check_outputs()
+        else:  # every episode ended: nothing reads the caches until the next start
+            self.policy.release()
+            self.ref.release()
         return StepResult(reward, done, estimates, coef, done_rows, final)
 
     def _finish(self, rows: np.ndarray, eos: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -464,6 +470,7 @@ class TextEnvAttributes:
     _parts: Components
     _engine: Engine
     _spec: Any = None
+    _prompt_pool: np.ndarray | None = None  # set by shard_prompts
 
     @property
     def spec(self) -> Any:
@@ -559,6 +566,36 @@ class TextEnvAttributes:
     @property
     def prompts(self) -> tuple[str, ...]:
         return self._parts.prompts.texts
+
+    def shard_prompts(self, rank: int, world_size: int) -> None:
+        """Draw episodes' prompts from this rank's share of the prompt set only: indices `k % world_size == rank`.
+
+        A data-parallel run (PPO under torchrun calls it) then gives each prompt to one rank instead of
+        every rank sampling from all of them. With fewer prompts than ranks every rank keeps them all;
+        `shard_prompts(0, 1)` undoes a shard. `options["prompt_index"]` in `reset` can still pick any prompt.
+        """
+        for name, value in (("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"shard_prompts({name}={value!r}): must be an int, e.g. shard_prompts(0, 2)")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(
+                f"shard_prompts(rank={rank}, world_size={world_size}): need world_size >= 1 and 0 <= rank < world_size"
+            )
+        count = len(self._parts.prompts)
+        self._prompt_pool = None if count < world_size or world_size == 1 else np.arange(rank, count, world_size)
+
+    @property
+    def prompt_shard(self) -> tuple[int, ...]:
+        """Indices of the prompts new episodes are drawn from (all of them unless `shard_prompts` split them)."""
+        pool = self._prompt_pool
+        return tuple(range(len(self._parts.prompts))) if pool is None else tuple(int(k) for k in pool)
+
+    def _draw_prompt(self, rng: np.random.Generator) -> int:
+        """A prompt index for a new episode, uniform over this env's share of the prompts."""
+        pool = self._prompt_pool
+        if pool is None:
+            return int(rng.integers(len(self._parts.prompts)))
+        return int(pool[rng.integers(len(pool))])
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

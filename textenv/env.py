@@ -188,7 +188,7 @@ class TextRLHFEnv(TextEnvAttributes, gym.Env):
             if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
                 raise ConfigError(f"options['prompt_index']={index!r} is not an index in [0, {n})")
             return int(index)
-        return int(self.np_random.integers(n))
+        return self._draw_prompt(self.np_random)
 
     def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         if not self._running:

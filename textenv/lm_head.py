@@ -65,8 +65,14 @@ class LogitHead:
         _HEADS.pop(model, None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] (the trunk's last hidden state) -> logits [..., V], as the model's forward makes them."""
-        logits = self.output(hidden)
+        """hidden [..., H] (the trunk's last hidden state) -> logits [..., V], as the model's forward makes them.
+
+        Under a bfloat16 autocast (an agent's mixed precision) the output layer still runs at the
+        weights' precision: the log-probs the KL and the PPO ratio take stay float32-accurate.
+        """
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight = getattr(self.output, "weight", None)
+            logits = self.output(hidden.to(weight.dtype) if weight is not None else hidden)
         if self.scale is not None:
             logits = logits * self.scale
         if self.divisor is not None:

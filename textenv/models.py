@@ -253,7 +253,8 @@ def check_device(device: str | torch.device | int) -> torch.device:
 
 
 def target_device(model: Any, device: str | torch.device | int | None) -> torch.device:
-    """Where the env's models will run: the passed module's device, `device`, else cuda when available."""
+    """Where the env's models will run: the passed module's device, `device`, else cuda when available
+    (the GPU of `LOCAL_RANK` under a launcher)."""
     if isinstance(model, (nn.Module, Shared)):
         module = model.value if isinstance(model, Shared) else model
         own = _device_of(module)
@@ -266,7 +267,11 @@ def target_device(model: Any, device: str | torch.device | int | None) -> torch.
         return own
     if device is not None:
         return check_device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    # under a launcher (torchrun, accelerate) each process of a data-parallel run takes its own GPU
+    index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    return torch.device("cuda", index % torch.cuda.device_count())
 
 
 def model_source(model: Any) -> str | None:
@@ -302,11 +307,17 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     """A deep copy in eval mode with `requires_grad=False`: the KL reference pi_ref.
 
     `dtype` stores it in another precision: bfloat16 halves its memory and the weight traffic
-    of its per-token forwards, at ~0.01-0.05 nats of rounding noise per token log-prob.
+    of its per-token forwards, at ~0.01-0.05 nats of rounding noise per token log-prob. Each
+    parameter is cast as it is copied, so no full-precision copy of the model is ever made.
     """
-    ref = copy.deepcopy(model)
+    memo: dict[int, Any] = {}
     if dtype is not None:
-        ref.to(dtype)
+        for param in model.parameters():  # tied weights: one cast, shared by the copy as by the model
+            if param.is_floating_point():
+                memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+    ref = copy.deepcopy(model, memo)
+    if dtype is not None:
+        ref.to(dtype)  # the buffers, as Module.to casts them; the parameters already are
     ref.eval()
     ref.requires_grad_(False)
     return ref
@@ -335,23 +346,34 @@ def load_policy(
             model.references[dtype] = frozen_copy(policy, dtype)
         return policy, model.references[dtype], source, model
     key = (source, str(device), _mtime(source))
-    ref = _REFERENCES.get(key)
-    if ref is None:
-        from transformers import AutoModelForCausalLM
+    if dtype is None or dtype == torch.float32:
+        ref = _REFERENCES.get(key)
+        if ref is None:
+            ref = _REFERENCES[key] = _load_causal_lm(source, device, trainable=False)
+        return _trainable_copy(ref), ref, source, None
+    # a lower-precision reference: no float32 one is kept (the policy is loaded for itself)
+    full = _REFERENCES.get(key)
+    policy = _trainable_copy(full) if full is not None else _load_causal_lm(source, device, trainable=True)
+    low_key = (*key, str(dtype))
+    if low_key not in _REFERENCES:
+        _REFERENCES[low_key] = frozen_copy(policy, dtype)
+    return policy, _REFERENCES[low_key], source, None
 
-        ref = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=torch.float32).to(device)
-        ref.eval()
-        ref.requires_grad_(False)
-        _REFERENCES[key] = ref
-    policy = copy.deepcopy(ref)
+
+def _load_causal_lm(source: str, device: torch.device, *, trainable: bool) -> nn.Module:
+    """The model at `source` in float32 on `device`, in eval mode: a policy (`trainable`) or a reference."""
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM, source, "model", dtype=torch.float32).to(device)
+    model.eval()
+    model.requires_grad_(trainable)
+    return model
+
+
+def _trainable_copy(reference: nn.Module) -> nn.Module:
+    policy = copy.deepcopy(reference)
     policy.requires_grad_(True)
-    if dtype is not None and dtype != torch.float32:
-        key = (*key, str(dtype))
-        low = _REFERENCES.get(key)
-        if low is None:
-            low = _REFERENCES[key] = frozen_copy(ref, dtype)
-        ref = low
-    return policy, ref, source, None
+    return policy
 
 
 def release_reference(reference: nn.Module) -> None:

@@ -192,7 +192,7 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
     def _prompt_indices(self, options: Mapping[str, Any]) -> list[int]:
         n = len(self._parts.prompts)
         if "prompt_index" not in options:
-            return [int(rng.integers(n)) for rng in self._rngs]
+            return [self._draw_prompt(rng) for rng in self._rngs]
         value = options["prompt_index"]
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
@@ -225,7 +225,7 @@ class TextRLHFVectorEnv(TextEnvAttributes, VectorEnv):
             finished[row] = (self._engine.observation(row), self._engine.step_info(result, row))
         if finished:
             rows = list(finished)
-            self._engine.start(rows, [int(self._rngs[r].integers(len(self._parts.prompts))) for r in rows])
+            self._engine.start(rows, [self._draw_prompt(self._rngs[r]) for r in rows])
         infos: dict[str, Any] = {}
         for i in range(self.num_envs):
             if i in finished:

@@ -57,13 +57,17 @@ def text_updates(out: Path, model_dir: str) -> None:
     controller = AdaptiveKLController(init_kl_coef=0.1, target=0.01, horizon=20)
     envs = gym.make_vec("TextRLHF-v0", num_envs=2, model=model_dir, reward="length", prompts=list(SAMPLE_PROMPTS),
                         max_new_tokens=4, kl_coef=controller)
+    # PPO-ptx: each rank's pre-training batch differs, and its gradient must be averaged like the rest
     agent = PPO(envs, PPOConfig(num_steps=4, whole_episodes=True, update_epochs=2, num_minibatches=2,
-                                learning_rate=1e-3, seed=2))
+                                learning_rate=1e-3, seed=2, ptx_coef=0.5, ptx_data=list(SAMPLE_PROMPTS)))
     start = flat_parameters(agent)
     agent.learn(3 * agent.config.batch_size, progress=False)
     responses = agent.buffer.actions.flatten().tolist()
+    prompts = [envs.prompts.index(episode["prompt"]) for episode in agent.sample_episodes(6)]
     facts = group_facts() | {"start_sum": sum(start), "end": flat_parameters(agent), "tokens": responses,
-                             "iteration": agent.iteration, "kl_coef": envs.kl_coef}
+                             "iteration": agent.iteration, "kl_coef": envs.kl_coef,
+                             "shard": list(envs.prompt_shard), "prompts": prompts,
+                             "ptx_loss": agent.last_stats["losses/ptx_loss"]}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(facts))
 
 
@@ -91,6 +95,37 @@ def cartpole_learning(out: Path) -> None:
                                                                                  "steps": agent.global_step}))
 
 
+def uneven_minibatches(out: Path, model_dir: str) -> None:
+    """One update where rank 1's rollout holds one trained episode (1 minibatch) and rank 0's two (2)."""
+    import gymnasium as gym
+
+    from textenv.testing import SAMPLE_PROMPTS
+
+    envs = gym.make_vec("TextRLHF-v0", num_envs=2, model=model_dir, reward="length", prompts=list(SAMPLE_PROMPTS),
+                        max_new_tokens=4)
+    agent = PPO(envs, PPOConfig(num_steps=4, whole_episodes=True, update_epochs=2, num_minibatches=2,
+                                learning_rate=1e-3, seed=2))
+    start = flat_parameters(agent)
+    with torch.inference_mode():
+        last_value = agent.collect_rollout()
+    if dist.get_rank() == 1:
+        agent.buffer.mask[:, 1] = 0  # env 1's episode is not trained on
+    agent.buffer.compute_advantages(last_value, gamma=1.0, gae_lambda=0.95, estimator="gae")
+    stats = agent.update()
+    facts = group_facts() | {"start": start, "end": flat_parameters(agent), "approx_kl": stats["losses/approx_kl"]}
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(facts))
+
+
+def cuda_updates(out: Path) -> None:
+    """A few CartPole updates with the policy on each rank's GPU: gradients go over NCCL."""
+    agent = PPO("CartPole-v1", PPOConfig(num_envs=2, num_steps=32, num_minibatches=2, update_epochs=2, seed=5,
+                                         device="cuda"))
+    agent.learn(64 * 2 * 3, progress=False)
+    facts = group_facts() | {"end": flat_parameters(agent), "device": str(agent.device),
+                             "backend": str(dist.get_backend())}
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(facts))
+
+
 def join_reduce_and_exit(out: Path) -> None:
     """Join through the library, reduce a few times, return: the process must then exit cleanly."""
     from agents.distributed import process_group
@@ -105,4 +140,5 @@ if __name__ == "__main__":
     scenario, out, *rest = sys.argv[1:]
     torch.set_num_threads(1)
     {"cartpole": cartpole_updates, "text": text_updates, "one_update": one_update,
-     "learning": cartpole_learning, "exit": join_reduce_and_exit}[scenario](Path(out), *rest)
+     "learning": cartpole_learning, "exit": join_reduce_and_exit, "cuda": cuda_updates,
+     "uneven": uneven_minibatches}[scenario](Path(out), *rest)

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from agents import PPO, PPOConfig
-from textenv.testing import make_tiny_model_dir
+from agents.distributed import backend_for
+from textenv.testing import SAMPLE_PROMPTS, make_tiny_model_dir
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -107,6 +108,21 @@ def test_the_language_model_policy_trains_data_parallel(tmp_path):
     assert zero["end"] == one["end"] and sum(zero["end"]) != zero["start_sum"]
     assert zero["tokens"] != one["tokens"]  # each rank sampled its own responses
     assert zero["kl_coef"] == one["kl_coef"] != 0.1  # the adaptive KL coefficient moved, and agrees
+    # PPO-ptx trained on each rank's own texts, and the weights still agree (its gradient was averaged)
+    assert zero["ptx_loss"] != one["ptx_loss"]
+    # each rank samples its own share of the prompts: the shards split the prompt set
+    shards = [set(zero["shard"]), set(one["shard"])]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == len(SAMPLE_PROMPTS)
+    assert set(zero["prompts"]) <= shards[0] and set(one["prompts"]) <= shards[1]
+
+
+def test_ranks_with_fewer_minibatches_step_along_instead_of_hanging(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "model", arch="llama", seed=0, n_layer=2, n_embd=32)
+    zero, one = torchrun("uneven", tmp_path / "out", str(model_dir), timeout=120)
+    _one_group([zero, one])
+    # rank 1 had one minibatch per epoch, rank 0 two: rank 1 stepped along with an idle minibatch
+    assert zero["end"] == one["end"] and zero["end"] != zero["start"]
+    assert all(np.isfinite(r["approx_kl"]) for r in (zero, one))
 
 
 def test_cartpole_learns_on_two_ranks_of_four_envs_as_on_one_of_eight(tmp_path):
@@ -117,3 +133,21 @@ def test_cartpole_learns_on_two_ranks_of_four_envs_as_on_one_of_eight(tmp_path):
     assert zero["steps"] == one["steps"] >= 50_000
     assert zero["eval"] == one["eval"]  # one policy
     assert zero["eval"] >= 450 and single_mean >= 450
+
+
+def test_the_backend_is_gloo_on_the_cpu_and_adds_nccl_for_gpus():
+    assert backend_for("cpu", cuda=True, nccl=True) == "gloo"
+    assert backend_for("auto", cuda=False, nccl=False) == "gloo"
+    assert backend_for("cuda", cuda=True, nccl=False) == "gloo"
+    # CPU statistics over gloo, CUDA gradients over NCCL
+    assert backend_for("auto", cuda=True, nccl=True) == "cpu:gloo,cuda:nccl"
+    assert backend_for("cuda:1", cuda=True, nccl=True) == "cpu:gloo,cuda:nccl"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_ranks_train_on_two_gpus_over_nccl(tmp_path):
+    zero, one = torchrun("cuda", tmp_path / "out")
+    _one_group([zero, one])
+    assert zero["end"] == one["end"]
+    assert (zero["device"], one["device"]) == ("cuda:0", "cuda:1")  # each rank on its own GPU
+    assert "nccl" in zero["backend"]

@@ -84,3 +84,4 @@ def test_adapter_dropout_stays_off_in_ppo(llama_dir):
     agent = PPO(envs, PPOConfig(lora_r=4, lora_dropout=0.5, num_steps=4, whole_episodes=True, seed=0))
     dropouts = [m for name, m in agent.policy.model.named_modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and not any(m.training for m in dropouts)
+

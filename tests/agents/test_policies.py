@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -123,3 +124,15 @@ def test_env_kwargs_typos_get_the_closest_argument():
                "(gymnasium.envs.classic_control.cartpole:CartPoleEnv); did you mean 'max_episode_steps'?")
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         PPO("CartPole-v1", PPOConfig(num_envs=1, num_steps=8, num_minibatches=1), env_kwargs={"max_episode_step": 5})
+
+
+def test_both_actor_critics_satisfy_the_protocol_ppo_drives_as_a_type_checker_sees_it(tmp_path):
+    mypy = pytest.importorskip("mypy.api")
+    checked = Path(__file__).with_name("policy_protocol_check.py")
+    broken = tmp_path / "broken_policy.py"  # a policy without act / forward / value: the check must catch it
+    broken.write_text("from agents.policies import ActorCritic\n\n\nclass Broken:\n    sequence_model = False\n\n\n"
+                      "def as_policy(policy: Broken) -> ActorCritic:\n    return policy\n")
+    report, _, status = mypy.run([str(checked), str(broken), "--follow-imports=silent", "--ignore-missing-imports",
+                                  "--cache-dir", str(tmp_path / "cache"), "--no-error-summary"])
+    errors = [line for line in report.splitlines() if ": error:" in line]
+    assert status == 1 and len(errors) == 1 and "broken_policy.py" in errors[0], report

@@ -6,6 +6,7 @@ import copy
 import gc
 import os
 import re
+from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -143,3 +144,54 @@ def test_a_path_loads_once_per_process_and_quietly(tmp_path, monkeypatch, capfd,
     assert capfd.readouterr() == ("", "")
     assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == hf_logging.INFO
     assert RewardModel(reward).model is RewardModel(reward).model
+
+
+def _reset_peak_rss() -> bool:
+    """Set the process's peak RSS (VmHWM) to its current RSS; False where the OS does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(field)
+
+
+def test_a_bfloat16_reference_is_cast_parameter_by_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.LayerNorm(4096))  # 64 MiB of float32
+    model[0].weight.data.normal_()
+    if not _reset_peak_rss():
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure the peak")
+    before = _status_bytes("VmRSS")
+    ref = models.frozen_copy(model, torch.bfloat16)
+    grew = _status_bytes("VmHWM") - before
+    # the copy itself is 32 MiB; a float32 copy cast afterwards would have held another 64 MiB
+    assert grew < 48 * 2**20
+    expected = copy.deepcopy(model).to(torch.bfloat16)
+    for (name, got), (_, want) in zip(ref.state_dict().items(), expected.state_dict().items(), strict=True):
+        assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want), name
+    assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())  # the model is untouched
+
+
+def test_tied_weights_stay_tied_in_a_bfloat16_reference(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, tie_word_embeddings=True)
+    ref = models.frozen_copy(model, torch.bfloat16)
+    assert ref.get_output_embeddings().weight is ref.get_input_embeddings().weight
+
+
+def test_a_bfloat16_reference_loaded_from_a_path_keeps_no_float32_copy(tiny_dir, monkeypatch):
+    monkeypatch.setattr(models, "_REFERENCES", {})
+    env = gym.make("TextRLHF-v0", model=tiny_dir, prompts=list(SAMPLE_PROMPTS), ref_dtype="bfloat16")
+    held = [next(m.parameters()).dtype for m in models._REFERENCES.values()]
+    assert held == [torch.bfloat16]  # the policy is the only float32 model in memory
+    assert env.unwrapped.ref_model is next(iter(models._REFERENCES.values()))
+    again = gym.make("TextRLHF-v0", model=tiny_dir, prompts=list(SAMPLE_PROMPTS), ref_dtype="bfloat16")
+    assert again.unwrapped.ref_model is env.unwrapped.ref_model and again.unwrapped.model is not env.unwrapped.model
+    torch.testing.assert_close(dict(again.unwrapped.model.named_parameters()),
+                               dict(env.unwrapped.model.named_parameters()), atol=0, rtol=0)

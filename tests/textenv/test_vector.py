@@ -216,3 +216,30 @@ def test_next_token_cache_is_the_envs_forward_at_the_current_states(tiny_dir):
     assert not cache.matches(torch.as_tensor(obs["input_ids"]), torch.as_tensor(obs["attention_mask"]))
     fresh = envs.next_token_cache()
     assert fresh.matches(torch.as_tensor(obs["input_ids"]), torch.as_tensor(obs["attention_mask"]))
+
+
+def test_prompt_shards_split_the_prompt_set_and_new_episodes_stay_in_their_shard(tiny_dir):
+    envs = gym.make_vec("TextRLHF-v0", num_envs=4, model=tiny_dir, prompts=list(SAMPLE_PROMPTS), max_new_tokens=2)
+    single = gym.make("TextRLHF-v0", model=tiny_dir, prompts=list(SAMPLE_PROMPTS), max_new_tokens=2).unwrapped
+    count = len(SAMPLE_PROMPTS)
+    assert envs.prompt_shard == tuple(range(count))  # unsharded: every prompt
+    shards = []
+    for rank in range(3):
+        envs.shard_prompts(rank, 3)
+        shards.append(envs.prompt_shard)
+        seen = set()
+        for seed in range(10):  # reset() and same-step autoresets draw from the shard only
+            envs.reset(seed=seed)
+            for _ in range(3):
+                envs.step(np.zeros(4, dtype=np.int64))
+            seen |= {envs.prompts.index(text.split("\n")[0]) for text in envs.render()}
+        assert seen == set(shards[-1])
+        single.shard_prompts(rank, 3)
+        assert {single.reset(seed=s)[1]["prompt_index"] for s in range(20)} <= set(shards[-1])
+    assert sorted(k for shard in shards for k in shard) == list(range(count))  # disjoint, and all of them
+    envs.shard_prompts(0, count + 1)  # fewer prompts than ranks: each keeps them all
+    assert envs.prompt_shard == tuple(range(count))
+    envs.reset(seed=0, options={"prompt_index": [count - 1] * 4})  # an explicit prompt is always allowed
+    for bad in ((2, 2), (-1, 2), (0, 0), (0.5, 2)):
+        with pytest.raises(textenv.ConfigError, match="shard_prompts"):
+            envs.shard_prompts(*bad)
