@@ -40,14 +40,31 @@ def checkpointed_blocks(models: list[nn.Module]) -> list[nn.Module]:
     return blocks
 
 
+def blocks_keep_read_only_caches() -> bool:
+    """Whether this transformers lets a checkpointed block keep a cache it only reads.
+
+    Older releases drop every cache in a checkpointed block; an update forward then runs whole rows.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+
+
 @contextmanager
-def blocks_recomputed(blocks: list[nn.Module]) -> Iterator[None]:
-    """Mark only the blocks themselves as training (what transformers checks), nothing inside them."""
+def blocks_recomputed(blocks: list[nn.Module], *, read_only_cache: bool = False) -> Iterator[None]:
+    """Mark only the blocks themselves as training (what transformers checks), nothing inside them.
+
+    ``read_only_cache``: the forward passes a cache the blocks only read (a ``ReadOnlyPrefixCache``),
+    which the recomputation in the backward can read again, so the blocks keep it.
+    """
     before = [block.training for block in blocks]
     for block in blocks:
         block.__dict__["training"] = True  # not .train(): that would switch dropout on in the children
+        if read_only_cache:
+            block.__dict__["_can_checkpoint_with_cache"] = True
     try:
         yield
     finally:
         for block, was in zip(blocks, before, strict=True):
             block.__dict__["training"] = was
+            block.__dict__.pop("_can_checkpoint_with_cache", None)

@@ -9,6 +9,7 @@ a second forward; updates re-run each episode's whole sequence once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -19,13 +20,13 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from agents.activation_checkpointing import blocks_recomputed, checkpointed_blocks
+from agents.activation_checkpointing import blocks_keep_read_only_caches, blocks_recomputed, checkpointed_blocks
 from agents.config import PPOConfig
 from agents.lora import attach_lora, critic_lora_config
 from textenv.compat import cache_kwargs
 from textenv.lm_head import LogitHead
 from textenv.models import quiet_transformers
-from textenv.prefix import prefix_cache, split_shared_prefix
+from textenv.prefix import ReadOnlyPrefixCache, prefix_cache, split_shared_prefix
 
 
 def is_token_env(envs: Any) -> bool:
@@ -144,21 +145,29 @@ class LMActorCritic(nn.Module):
     def _hidden_at(
         self, trunk: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
     ) -> torch.Tensor:
-        """Last-layer hidden states ``[B, H]`` at ``(rows, cols)``; a prompt opening all rows share runs once."""
-        if self.checkpointed and torch.is_grad_enabled():
-            # a recomputed block would append its keys to the prefix cache a second time: run whole rows
+        """Last-layer hidden states ``[B, H]`` at ``(rows, cols)``; a prompt opening all rows share runs once.
+
+        With activation checkpointing the blocks are recomputed in the backward: the shared opening's
+        cache is then read-only (a recomputed block must not append its keys a second time).
+        """
+        recompute = bool(self.checkpointed) and torch.is_grad_enabled()
+        if recompute and not blocks_keep_read_only_caches():
             with blocks_recomputed(self.checkpointed):
                 return self._trunk_hidden(trunk, ids, mask)[rows, cols]
         rank = (mask.cumsum(-1) - 1)[rows, cols]  # the queried tokens must come after the shared part
         shared = split_shared_prefix(ids, mask, limit=int(rank.min()))
         cache = prefix_cache(trunk, shared, ids.shape[0]) if shared is not None else None
         if cache is None:
-            return self._trunk_hidden(trunk, ids, mask)[rows, cols]
+            with blocks_recomputed(self.checkpointed) if recompute else contextlib.nullcontext():
+                return self._trunk_hidden(trunk, ids, mask)[rows, cols]
         full_mask = shared.mask
-        out = trunk(
-            input_ids=shared.rest_ids, attention_mask=full_mask, position_ids=_positions(full_mask)[:, shared.length :],
-            use_cache=True, **cache_kwargs(trunk, cache),
-        )
+        with blocks_recomputed(self.checkpointed, read_only_cache=True) if recompute else contextlib.nullcontext():
+            out = trunk(
+                input_ids=shared.rest_ids, attention_mask=full_mask,
+                # (use_cache asks for a cache to be returned; the read-only one is read all the same)
+                position_ids=_positions(full_mask)[:, shared.length :], use_cache=not recompute,
+                **cache_kwargs(trunk, ReadOnlyPrefixCache.of(cache) if recompute else cache),
+            )
         return out.last_hidden_state[rows, cols - shared.length]
 
     def _heads(

@@ -17,7 +17,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .compat import returned_cache
 
-__all__ = ["SharedPrefix", "split_shared_prefix", "prefix_cache"]
+__all__ = ["SharedPrefix", "split_shared_prefix", "prefix_cache", "ReadOnlyPrefixCache"]
 
 MIN_SHARED_TOKENS = 4
 """Below this, computing the prefix separately saves less than the extra call costs."""
@@ -95,3 +95,21 @@ def prefix_cache(trunk: nn.Module, prefix: SharedPrefix, batch: int, *, groups: 
             layer.keys = layer.keys.repeat_interleave(batch, dim=0)
             layer.values = layer.values.repeat_interleave(batch, dim=0)
     return cache
+
+
+class ReadOnlyPrefixCache(DynamicCache):
+    """A prefix cache that a forward reads but never appends to: each layer gets prefix + new keys.
+
+    A block recomputed in the backward (activation checkpointing) runs its attention a second time;
+    a cache that appended would then hold the new keys twice. Made from `prefix_cache`'s result by
+    `ReadOnlyPrefixCache.of(cache)`.
+    """
+
+    @classmethod
+    def of(cls, cache: DynamicCache) -> ReadOnlyPrefixCache:
+        cache.__class__ = cls  # same state, only `update` differs
+        return cache  # type: ignore[return-value]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)

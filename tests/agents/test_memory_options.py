@@ -10,7 +10,7 @@ import torch
 
 import textenv  # noqa: F401  (registers TextRLHF-v0)
 from agents import PPO, PPOConfig
-from textenv.testing import SAMPLE_PROMPTS, make_tiny_model_dir
+from textenv.testing import ARCHITECTURES, SAMPLE_PROMPTS, make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,14 @@ def _trained(model_dir, **changes):
     # transformers' checkpointing replays what is inside a block, the block's own hooks stay outside
     modules = dict(agent.policy.model.named_modules())
     block = next(m for name, m in modules.items() if name.endswith("layers.0"))
-    calls: dict[str, int] = {"block": 0, "mlp": 0, "rollout": 0}
+    calls: dict[str, int] = {"block": 0, "mlp": 0, "rollout": 0, "prefix block": 0, "prefix mlp": 0}
 
     def count(name):
-        def hook(*_):
-            calls["rollout" if torch.is_inference_mode_enabled() else name] += 1
+        def hook(module, args, *_):
+            if torch.is_inference_mode_enabled():
+                calls["rollout"] += 1
+            else:  # the prompt opening all rows share runs as one row
+                calls[f"prefix {name}" if args[0].shape[0] == 1 else name] += 1
         return hook
 
     block.register_forward_hook(count("block"))
@@ -52,6 +55,8 @@ def test_checkpointing_recomputes_blocks_and_trains_the_same_weights(llama_dir, 
     # each update forward ran inside the block a second time, in the backward (the recomputation)
     assert plain_calls["mlp"] == plain_calls["block"] > 0
     assert checkpointed_calls["mlp"] == 2 * checkpointed_calls["block"] > 0
+    # and the shared prompt opening was still computed once, as one row (not recomputed: it is small)
+    assert checkpointed_calls["prefix block"] == checkpointed_calls["prefix mlp"] == plain_calls["prefix block"] > 0
     assert checkpointed_calls["rollout"] == plain_calls["rollout"] > 0  # rollouts untouched
     before, after = _trainable(plain), _trainable(checkpointed)
     assert before.keys() == after.keys()
@@ -85,3 +90,20 @@ def test_adapter_dropout_stays_off_in_ppo(llama_dir):
     dropouts = [m for name, m in agent.policy.model.named_modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and not any(m.training for m in dropouts)
 
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_checkpointing_trains_the_same_weights_in_every_model_family(tmp_path, arch):
+    # the shared prompt opening is a read-only cache in checkpointed blocks: recomputing them must
+    # neither append its keys twice nor lose them, whatever the family's attention code
+    model_dir = make_tiny_model_dir(tmp_path / arch, arch=arch, seed=0, n_layer=2, n_embd=32)
+    trained = []
+    for checkpointing in (False, True):
+        envs = gym.make_vec("TextRLHF-v0", num_envs=4, model=str(model_dir), reward="length",
+                            prompts=list(SAMPLE_PROMPTS), max_new_tokens=6)
+        agent = PPO(envs, PPOConfig(num_steps=6, whole_episodes=True, update_epochs=2, num_minibatches=2,
+                                    learning_rate=1e-3, seed=3, gradient_checkpointing=checkpointing))
+        agent.learn(2 * agent.config.batch_size, progress=False)
+        trained.append(_trainable(agent))
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
