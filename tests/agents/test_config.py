@@ -232,10 +232,13 @@ def test_minibatch_larger_than_rollout_is_caught_for_a_passed_vector_env():
         PPO(envs, PPOConfig(num_steps=16, num_minibatches=64))
 
 
-def test_the_text_preset_raises_the_learning_rate_for_lora_unless_it_is_set():
+def test_the_text_preset_raises_the_learning_rate_and_checkpoints_for_lora_unless_they_are_set():
     full = resolve_config("TextRLHF-v0", None)
     lora = resolve_config("TextRLHF-v0", PPOConfig(lora_r=16))
-    chosen = resolve_config("TextRLHF-v0", PPOConfig(lora_r=16, learning_rate=3e-5))
+    chosen = resolve_config("TextRLHF-v0", PPOConfig(lora_r=16, learning_rate=3e-5, gradient_checkpointing=False))
     assert full.learning_rate == load_preset("TextRLHF-v0")["config"]["learning_rate"]
     assert lora.learning_rate == load_preset("TextRLHF-v0")["with_lora"]["learning_rate"] > full.learning_rate
     assert chosen.learning_rate == 3e-5
+    # LoRA's point is memory: activation checkpointing is on by default with it, and off without it
+    assert lora.gradient_checkpointing and not full.gradient_checkpointing
+    assert not chosen.gradient_checkpointing
