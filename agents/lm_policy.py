@@ -151,11 +151,10 @@ class LMActorCritic(nn.Module):
         cache is then read-only (a recomputed block must not append its keys a second time).
         """
         recompute = bool(self.checkpointed) and torch.is_grad_enabled()
-        if recompute and not blocks_keep_read_only_caches():
-            with blocks_recomputed(self.checkpointed):
-                return self._trunk_hidden(trunk, ids, mask)[rows, cols]
         rank = (mask.cumsum(-1) - 1)[rows, cols]  # the queried tokens must come after the shared part
-        shared = split_shared_prefix(ids, mask, limit=int(rank.min()))
+        # (a transformers that drops caches in checkpointed blocks runs whole rows)
+        can_share = not recompute or blocks_keep_read_only_caches()
+        shared = split_shared_prefix(ids, mask, limit=int(rank.min())) if can_share else None
         cache = prefix_cache(trunk, shared, ids.shape[0]) if shared is not None else None
         if cache is None:
             with blocks_recomputed(self.checkpointed) if recompute else contextlib.nullcontext():
