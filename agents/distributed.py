@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,14 +107,24 @@ def process_group(device: str = "auto") -> ProcessGroup:
     return ProcessGroup(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
-def _leave_process_group() -> None:
-    """Destroy the group this module joined while the interpreter is still whole.
+_THREADS_SETTLE_S = 0.5
+"""How long the exit handler leaves the interpreter lock to gloo's worker threads (seconds)."""
 
-    Left to interpreter shutdown, gloo's worker threads are torn down mid-flight and the process
-    aborts ("terminate called without an active exception") after a run that succeeded.
+
+def _leave_process_group() -> None:
+    """Destroy the group this module joined, and let gloo's threads finish, while the interpreter is whole.
+
+    A gloo worker thread that completed a reduction drops its tensors afterwards; when Python let go
+    of them first, that takes the interpreter lock. At shutdown the lock is gone, the thread exits
+    from inside C++ and the process aborts ("terminate called without an active exception", exit
+    -6) after a run that succeeded (a core dump: ``take_gil`` -> ``pthread_exit`` under
+    ``~AsyncAllreduceWork`` during ``Py_FinalizeEx``). Destroying the group does not stop those
+    threads once a DDP wrapper was built (torch keeps the group alive), so the handler also sleeps:
+    the lock is free for a moment, long enough for a descheduled worker to run on a loaded machine.
     """
     if dist.is_initialized():
         dist.destroy_process_group()
+    time.sleep(_THREADS_SETTLE_S)
 
 
 def share_prompts(envs: Any, group: ProcessGroup) -> None:
