@@ -23,6 +23,7 @@ from torch import nn
 from agents.activation_checkpointing import blocks_keep_read_only_caches, blocks_recomputed, checkpointed_blocks
 from agents.config import PPOConfig
 from agents.lora import attach_lora, critic_lora_config
+from agents.sliced_scores import can_slice, entropy_of, sliced_token_scores
 from textenv.compat import cache_kwargs
 from textenv.lm_head import LogitHead
 from textenv.models import quiet_transformers
@@ -98,6 +99,8 @@ class LMActorCritic(nn.Module):
             self.model.eval()
         # the env samples and scores its KL with this very head: the PPO ratio compares one distribution
         self.head = LogitHead.of(self.model)
+        # the update scores its tokens without a [tokens, vocab] tensor when the output layer allows it
+        self.sliced_scores = can_slice(self.head)
         self.checkpointed = checkpointed_blocks(
             [self.model] + ([self.critic_trunk] if self.critic_trunk is not None else [])
         ) if config.gradient_checkpointing else []
@@ -173,13 +176,19 @@ class LMActorCritic(nn.Module):
         self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs ``[B, V]`` at temperature and values ``[B]`` at positions ``(rows, cols)``."""
+        hidden, values = self._hidden_and_values(ids, mask, rows, cols)
+        return self.head.logprobs(hidden, *self.sampling), values
+
+    def _hidden_and_values(
+        self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The actor trunk's hidden states ``[B, H]`` and values ``[B]`` at positions ``(rows, cols)``."""
         hidden = self._hidden_at(self.head.trunk, ids, mask, rows, cols)
-        log_probs = self.head.logprobs(hidden, *self.sampling)
         if self.critic_trunk is None:
             value_hidden = hidden
         else:
             value_hidden = self._hidden_at(self.critic_trunk, ids, mask, rows, cols)
-        return log_probs, self._value(value_hidden)
+        return hidden, self._value(value_hidden)
 
     def _value(self, hidden: torch.Tensor) -> torch.Tensor:
         """V(s) from trunk hidden states, in float32 also under ``PPOConfig.mixed_precision="bf16"``."""
@@ -232,13 +241,15 @@ class LMActorCritic(nn.Module):
         # and attention over pad columns would cost as much as over real tokens
         first = int(torch.nonzero(seq_mask.any(0))[0])
         # (clamped: an empty row, e.g. an unused step of a rollout that ended early, is never trained on)
-        log_probs, values = self._heads(seq_ids[:, first:], seq_mask[:, first:], rows, (last - first).clamp(min=0))
+        hidden, values = self._hidden_and_values(seq_ids[:, first:], seq_mask[:, first:], rows,
+                                                 (last - first).clamp(min=0))
+        if self.sliced_scores:
+            chosen, entropy = sliced_token_scores(self.head, hidden, actions, self.sampling)
+            return chosen, entropy if self.entropy_bonus else entropy.detach(), values
+        log_probs = self.head.logprobs(hidden, *self.sampling)
         # without an entropy bonus the entropy is only logged: no graph over [tokens, vocab] for it
         with torch.set_grad_enabled(self.entropy_bonus and torch.is_grad_enabled()):
-            finite = log_probs
-            if self.truncated:  # tokens a top-k / top-p policy cannot sample add 0, not 0 * -inf (nan)
-                finite = torch.where(log_probs.isfinite(), log_probs, 0.0)
-            entropy = -(log_probs.exp() * finite).sum(-1)
+            entropy = entropy_of(log_probs, self.truncated)
         return log_probs.gather(-1, actions[:, None].long()).squeeze(-1), entropy, values
 
     evaluate = forward  # the name the update used before ``forward``

@@ -73,6 +73,10 @@ class LogitHead:
         with torch.autocast(hidden.device.type, enabled=False):
             weight = getattr(self.output, "weight", None)
             logits = self.output(hidden.to(weight.dtype) if weight is not None else hidden)
+        return self.transform(logits)
+
+    def transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """The family's changes after the output layer (logit scale, scaling, soft-capping), in its order."""
         if self.scale is not None:
             logits = logits * self.scale
         if self.divisor is not None:

@@ -1,0 +1,111 @@
+"""Log-probs of the taken tokens and entropies from hidden states, through the LM head a slice of rows at a time.
+
+The PPO update needs two numbers per state from the ``[states, vocab]`` next-token distribution.
+Computing that distribution for a whole minibatch keeps it for the backward and then makes its
+gradients: about four ``[states, vocab]`` float32 tensors at once, ~0.2 GiB for 256 states of
+SmolLM2's 49k-token vocabulary, which is where a full fine-tuning step peaks. Here the forward
+keeps only the hidden states; the backward recomputes the logits slice by slice and adds the output
+layer's weight gradient into one buffer. The gradients are those of the whole-batch computation
+(the log-softmax part is differentiated by autograd on each slice); only the temporaries shrink to
+``[slice, vocab]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textenv.kl import token_logprobs
+from textenv.lm_head import LogitHead
+
+SLICE_ELEMENTS = 1 << 21
+"""Logits per slice (rows x vocab): 8 MiB in float32, 42 rows of a 49k vocabulary."""
+
+
+def entropy_of(log_probs: torch.Tensor, truncated: bool) -> torch.Tensor:
+    """Entropy of each row of ``log_probs [..., V]``; tokens a top-k / top-p policy cannot sample add 0."""
+    finite = torch.where(log_probs.isfinite(), log_probs, 0.0) if truncated else log_probs
+    return -(log_probs.exp() * finite).sum(-1)
+
+
+def can_slice(head: LogitHead) -> bool:
+    """Whether ``head``'s output layer is a plain ``nn.Linear`` (its weight gradient is then written here)."""
+    return type(head.output) is nn.Linear
+
+
+def sliced_token_scores(
+    head: LogitHead, hidden: torch.Tensor, actions: torch.Tensor, sampling: tuple[float, int, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log pi(actions | s)`` and the entropy of ``pi(. | s)``, both ``[N]``, from ``hidden [N, H]``.
+
+    ``sampling`` is ``(temperature, top_k, top_p)`` as the env samples; ``head`` must pass
+    :func:`can_slice`.
+    """
+    output: Any = head.output
+    rows = max(1, SLICE_ELEMENTS // int(output.weight.shape[0]))
+    return _SlicedScores.apply(hidden, output.weight, output.bias, actions.long(), head, sampling, rows)
+
+
+class _SlicedScores(torch.autograd.Function):
+    """hidden, output weight, bias -> (log-prob of the taken token, entropy), one slice of rows at a time."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, actions: torch.Tensor,
+        head: LogitHead, sampling: tuple[float, int, float], rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)  # an entropy that is only logged sends no gradient at all
+        ctx.save_for_backward(hidden, weight, bias, actions)
+        ctx.head, ctx.sampling, ctx.rows = head, sampling, rows
+        chosen = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        entropy = torch.empty_like(chosen)
+        truncated = sampling[1] > 0 or sampling[2] < 1.0
+        with torch.autocast(hidden.device.type, enabled=False):  # the output layer at the weights' precision
+            for part in torch.arange(hidden.shape[0], device=hidden.device).split(rows):
+                log_probs = _log_probs(head, hidden[part], weight, bias, sampling)
+                chosen[part] = log_probs.gather(-1, actions[part, None]).squeeze(-1)
+                entropy[part] = entropy_of(log_probs, truncated)
+        return chosen, entropy
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_chosen: torch.Tensor | None, grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, actions = ctx.saved_tensors
+        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
+        grad_weight = torch.zeros_like(weight) if wants_weight else None
+        grad_bias = torch.zeros_like(bias) if wants_bias and bias is not None else None
+        truncated = ctx.sampling[1] > 0 or ctx.sampling[2] < 1.0
+        for part in torch.arange(hidden.shape[0], device=hidden.device).split(ctx.rows):
+            inputs = hidden[part].to(weight.dtype)
+            with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
+                logits = F.linear(inputs, weight, bias).detach().requires_grad_(True)
+                log_probs = token_logprobs(ctx.head.transform(logits), *ctx.sampling)
+                outputs, grads = [], []
+                if grad_chosen is not None:
+                    outputs.append(log_probs.gather(-1, actions[part, None]).squeeze(-1))
+                    grads.append(grad_chosen[part])
+                if grad_entropy is not None:
+                    outputs.append(entropy_of(log_probs, truncated))
+                    grads.append(grad_entropy[part])
+                if not outputs:
+                    break
+                (grad_logits,) = torch.autograd.grad(outputs, logits, grads)
+            if grad_hidden is not None:
+                grad_hidden[part] = (grad_logits @ weight).to(grad_hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, inputs)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _log_probs(
+    head: LogitHead, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    sampling: tuple[float, int, float],
+) -> torch.Tensor:
+    return token_logprobs(head.transform(F.linear(hidden.to(weight.dtype), weight, bias)), *sampling)
