@@ -117,7 +117,9 @@ class PPOConfig:
     """A ready ``peft.LoraConfig`` (or its dict), used instead of the ``lora_*`` fields."""
     gradient_checkpointing: bool = False
     """Language-model policies: keep only each block's input in the update forward and recompute the
-    rest during the backward (transformers' activation checkpointing): less memory, more compute."""
+    rest during the backward (transformers' activation checkpointing); the output layer's logits are
+    then recomputed too, a slice of states at a time, instead of a ``[states, vocab]`` tensor for the
+    whole minibatch: less memory, more compute."""
     ptx_coef: float = 0.0
     """Language-model policies: weight of the pre-training loss mixed into every update
     (InstructGPT's PPO-ptx); 0 turns it off."""

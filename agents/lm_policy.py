@@ -99,8 +99,9 @@ class LMActorCritic(nn.Module):
             self.model.eval()
         # the env samples and scores its KL with this very head: the PPO ratio compares one distribution
         self.head = LogitHead.of(self.model)
-        # the update scores its tokens without a [tokens, vocab] tensor when the output layer allows it
-        self.sliced_scores = can_slice(self.head)
+        # checkpointing trades compute for memory: the update's logits are then recomputed in the backward
+        # too, a slice of rows at a time (no [tokens, vocab] tensor), where the output layer allows it
+        self.sliced_scores = config.gradient_checkpointing and can_slice(self.head)
         self.checkpointed = checkpointed_blocks(
             [self.model] + ([self.critic_trunk] if self.critic_trunk is not None else [])
         ) if config.gradient_checkpointing else []
