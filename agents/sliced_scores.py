@@ -3,11 +3,12 @@
 The PPO update needs two numbers per state from the ``[states, vocab]`` next-token distribution.
 Computing that distribution for a whole minibatch keeps it for the backward and then makes its
 gradients: about four ``[states, vocab]`` float32 tensors at once, ~0.2 GiB for 256 states of
-SmolLM2's 49k-token vocabulary, which is where a full fine-tuning step peaks. Here the forward
-keeps only the hidden states; the backward recomputes the logits slice by slice and adds the output
-layer's weight gradient into one buffer. The gradients are those of the whole-batch computation
-(the log-softmax part is differentiated by autograd on each slice); only the temporaries shrink to
-``[slice, vocab]``.
+SmolLM2's 49k-token vocabulary, at the start of the backward, the peak of a full fine-tuning step.
+Here the forward keeps only the hidden states; the backward recomputes the logits slice by slice
+and adds the output layer's weight gradient into one buffer. The gradients are those of the
+whole-batch computation (the log-softmax part is differentiated by autograd on each slice); only
+the temporaries shrink to ``[slice, vocab]``. The price is one more output-layer matmul per state,
+so the policy uses it with ``PPOConfig.gradient_checkpointing`` (the memory-first mode).
 """
 
 from __future__ import annotations
