@@ -61,14 +61,13 @@ class _SlicedScores(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an entropy that is only logged sends no gradient at all
         ctx.save_for_backward(hidden, weight, bias, actions)
         ctx.head, ctx.sampling, ctx.rows = head, sampling, rows
+        ctx.truncated = sampling[1] > 0 or sampling[2] < 1.0
         chosen = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         entropy = torch.empty_like(chosen)
-        truncated = sampling[1] > 0 or sampling[2] < 1.0
-        with torch.autocast(hidden.device.type, enabled=False):  # the output layer at the weights' precision
-            for part in torch.arange(hidden.shape[0], device=hidden.device).split(rows):
-                log_probs = _log_probs(head, hidden[part], weight, bias, sampling)
-                chosen[part] = log_probs.gather(-1, actions[part, None]).squeeze(-1)
-                entropy[part] = entropy_of(log_probs, truncated)
+        for part in torch.arange(hidden.shape[0], device=hidden.device).split(rows):
+            log_probs = head.logprobs(hidden[part], *sampling)  # (head.output is weight and bias)
+            chosen[part] = log_probs.gather(-1, actions[part, None]).squeeze(-1)
+            entropy[part] = entropy_of(log_probs, ctx.truncated)
         return chosen, entropy
 
     @staticmethod
@@ -80,7 +79,6 @@ class _SlicedScores(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
         grad_weight = torch.zeros_like(weight) if wants_weight else None
         grad_bias = torch.zeros_like(bias) if wants_bias and bias is not None else None
-        truncated = ctx.sampling[1] > 0 or ctx.sampling[2] < 1.0
         for part in torch.arange(hidden.shape[0], device=hidden.device).split(ctx.rows):
             inputs = hidden[part].to(weight.dtype)
             with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
@@ -91,7 +89,7 @@ class _SlicedScores(torch.autograd.Function):
                     outputs.append(log_probs.gather(-1, actions[part, None]).squeeze(-1))
                     grads.append(grad_chosen[part])
                 if grad_entropy is not None:
-                    outputs.append(entropy_of(log_probs, truncated))
+                    outputs.append(entropy_of(log_probs, ctx.truncated))
                     grads.append(grad_entropy[part])
                 if not outputs:
                     break
@@ -103,10 +101,3 @@ class _SlicedScores(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
-
-
-def _log_probs(
-    head: LogitHead, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    sampling: tuple[float, int, float],
-) -> torch.Tensor:
-    return token_logprobs(head.transform(F.linear(hidden.to(weight.dtype), weight, bias)), *sampling)

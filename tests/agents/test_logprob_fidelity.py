@@ -23,17 +23,23 @@ def family_dir(request, tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp(request.param), arch=request.param, seed=1)
 
 
-def _agent(model_dir, **env_kwargs):
+def _agent(model_dir, *, gradient_checkpointing=False, **env_kwargs):
     envs = gym.make_vec(
         "TextRLHF-v0", num_envs=4, model=str(model_dir), reward="length", prompts=list(SAMPLE_PROMPTS),
         max_new_tokens=6, temperature=0.9, **env_kwargs,
     )
-    return PPO(envs, PPOConfig(update_epochs=1, num_minibatches=1, seed=0, learning_rate=1e-3))
+    return PPO(envs, PPOConfig(update_epochs=1, num_minibatches=1, seed=0, learning_rate=1e-3,
+                               gradient_checkpointing=gradient_checkpointing))
 
 
 @pytest.mark.parametrize("sampling", [{}, {"top_k": 8, "top_p": 0.9}], ids=["full", "truncated"])
-def test_ratio_is_one_and_nothing_clips_before_the_first_step(family_dir, sampling, first_rollout_log_ratios):
-    agent = _agent(family_dir, **sampling)
+# checkpointing: blocks recomputed over a read-only prompt cache and the tokens scored in row slices
+@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_ratio_is_one_and_nothing_clips_before_the_first_step(
+    family_dir, sampling, gradient_checkpointing, first_rollout_log_ratios
+):
+    agent = _agent(family_dir, gradient_checkpointing=gradient_checkpointing, **sampling)
+    assert agent.policy.sliced_scores == gradient_checkpointing
     log_ratio, buf = first_rollout_log_ratios(agent)
     assert log_ratio.abs().max() < 1e-5
     # the same through PPO's own update: one minibatch, its statistics taken before the step
