@@ -23,7 +23,7 @@ from torch import nn
 from agents.activation_checkpointing import blocks_keep_read_only_caches, blocks_recomputed, checkpointed_blocks
 from agents.config import PPOConfig
 from agents.lora import attach_lora, critic_lora_config
-from agents.sliced_scores import can_slice, entropy_of, sliced_token_scores
+from agents.sliced_scores import can_slice, entropy_of, sliced_token_scores, tied_embedding, tied_lookups
 from textenv.compat import cache_kwargs
 from textenv.lm_head import LogitHead
 from textenv.models import quiet_transformers
@@ -102,6 +102,8 @@ class LMActorCritic(nn.Module):
         # checkpointing trades compute for memory: the update's logits are then recomputed in the backward
         # too, a slice of rows at a time (no [tokens, vocab] tensor), where the output layer allows it
         self.sliced_scores = config.gradient_checkpointing and can_slice(self.head)
+        # an output layer tied to the input embedding: its gradient is then made once, not twice
+        self._tied_embedding = tied_embedding(self.head, self.head.trunk)
         self.checkpointed = checkpointed_blocks(
             [self.model] + ([self.critic_trunk] if self.critic_trunk is not None else [])
         ) if config.gradient_checkpointing else []
@@ -242,10 +244,12 @@ class LMActorCritic(nn.Module):
         # and attention over pad columns would cost as much as over real tokens
         first = int(torch.nonzero(seq_mask.any(0))[0])
         # (clamped: an empty row, e.g. an unused step of a rollout that ended early, is never trained on)
-        hidden, values = self._hidden_and_values(seq_ids[:, first:], seq_mask[:, first:], rows,
-                                                 (last - first).clamp(min=0))
+        tied = self._tied_embedding if self.sliced_scores else None
+        with tied_lookups(tied):
+            hidden, values = self._hidden_and_values(seq_ids[:, first:], seq_mask[:, first:], rows,
+                                                     (last - first).clamp(min=0))
         if self.sliced_scores:
-            chosen, entropy = sliced_token_scores(self.head, hidden, actions, self.sampling)
+            chosen, entropy = sliced_token_scores(self.head, hidden, actions, self.sampling, tied=tied is not None)
             return chosen, entropy if self.entropy_bonus else entropy.detach(), values
         log_probs = self.head.logprobs(hidden, *self.sampling)
         # without an entropy bonus the entropy is only logged: no graph over [tokens, vocab] for it

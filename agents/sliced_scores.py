@@ -9,10 +9,19 @@ and adds the output layer's weight gradient into one buffer. The gradients are t
 whole-batch computation (the log-softmax part is differentiated by autograd on each slice); only
 the temporaries shrink to ``[slice, vocab]``. The price is one more output-layer matmul per state,
 so the policy uses it with ``PPOConfig.gradient_checkpointing`` (the memory-first mode).
+
+An output layer tied to the input embedding (SmolLM2, Llama 3.2, Gemma) gets its ``[vocab, width]``
+gradient from two places: here and from the token lookups. Autograd would hold this part until the
+lookups' part arrives at the end of the backward and then add a second dense ``[vocab, width]``
+tensor to it (0.1 GiB each on SmolLM2, while every other gradient is alive). With
+:func:`tied_lookups` the part made here goes straight into the weight's ``.grad`` and the lookups
+send only their rows (sparse), which autograd adds into that ``.grad`` in place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,17 +46,44 @@ def can_slice(head: LogitHead) -> bool:
     return type(head.output) is nn.Linear
 
 
+def tied_embedding(head: LogitHead, trunk: nn.Module) -> nn.Embedding | None:
+    """``trunk``'s input embedding where it shares its weight with ``head``'s output layer, else None."""
+    embedding = trunk.get_input_embeddings()
+    output: Any = head.output
+    tied = isinstance(embedding, nn.Embedding) and embedding.weight is getattr(output, "weight", None)
+    return embedding if tied else None
+
+
+@contextmanager
+def tied_lookups(embedding: nn.Embedding | None) -> Iterator[None]:
+    """Within: ``embedding``'s lookups send their gradient as sparse rows (see the module's docstring).
+
+    Only for a forward scored by ``sliced_token_scores(..., tied=True)``: that dense part must reach
+    ``.grad`` first, or the weight's gradient would be left sparse.
+    """
+    if embedding is None or embedding.sparse:
+        yield
+        return
+    embedding.sparse = True
+    try:
+        yield
+    finally:
+        embedding.sparse = False
+
+
 def sliced_token_scores(
-    head: LogitHead, hidden: torch.Tensor, actions: torch.Tensor, sampling: tuple[float, int, float]
+    head: LogitHead, hidden: torch.Tensor, actions: torch.Tensor, sampling: tuple[float, int, float],
+    *, tied: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log pi(actions | s)`` and the entropy of ``pi(. | s)``, both ``[N]``, from ``hidden [N, H]``.
 
     ``sampling`` is ``(temperature, top_k, top_p)`` as the env samples; ``head`` must pass
-    :func:`can_slice`.
+    :func:`can_slice`. ``tied``: the backward adds the output weight's gradient into its ``.grad``
+    itself, as ``backward()`` would, for a forward whose lookups ran under :func:`tied_lookups`.
     """
     output: Any = head.output
     rows = max(1, SLICE_ELEMENTS // int(output.weight.shape[0]))
-    return _SlicedScores.apply(hidden, output.weight, output.bias, actions.long(), head, sampling, rows)
+    return _SlicedScores.apply(hidden, output.weight, output.bias, actions.long(), head, sampling, rows, tied)
 
 
 class _SlicedScores(torch.autograd.Function):
@@ -56,11 +92,12 @@ class _SlicedScores(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, actions: torch.Tensor,
-        head: LogitHead, sampling: tuple[float, int, float], rows: int,
+        head: LogitHead, sampling: tuple[float, int, float], rows: int, tied: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)  # an entropy that is only logged sends no gradient at all
         ctx.save_for_backward(hidden, weight, bias, actions)
         ctx.head, ctx.sampling, ctx.rows = head, sampling, rows
+        ctx.tied_weight = weight if tied else None  # the parameter itself: its .grad is written here
         ctx.truncated = sampling[1] > 0 or sampling[2] < 1.0
         chosen = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         entropy = torch.empty_like(chosen)
@@ -77,7 +114,13 @@ class _SlicedScores(torch.autograd.Function):
         hidden, weight, bias, actions = ctx.saved_tensors
         wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
-        grad_weight = torch.zeros_like(weight) if wants_weight else None
+        tied = ctx.tied_weight if wants_weight else None
+        if tied is not None:  # into .grad, before the lookups' sparse rows are added to it
+            if tied.grad is None:
+                tied.grad = torch.zeros_like(weight)
+            grad_weight = tied.grad
+        else:
+            grad_weight = torch.zeros_like(weight) if wants_weight else None
         grad_bias = torch.zeros_like(bias) if wants_bias and bias is not None else None
         for part in torch.arange(hidden.shape[0], device=hidden.device).split(ctx.rows):
             inputs = hidden[part].to(weight.dtype)
@@ -100,4 +143,5 @@ class _SlicedScores(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T, inputs)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        returned_weight = None if tied is not None else grad_weight  # (a tied one is in .grad already)
+        return grad_hidden, returned_weight, grad_bias, None, None, None, None, None

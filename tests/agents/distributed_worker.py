@@ -57,9 +57,13 @@ def text_updates(out: Path, model_dir: str) -> None:
     controller = AdaptiveKLController(init_kl_coef=0.1, target=0.01, horizon=20)
     envs = gym.make_vec("TextRLHF-v0", num_envs=2, model=model_dir, reward="length", prompts=list(SAMPLE_PROMPTS),
                         max_new_tokens=4, kl_coef=controller)
-    # PPO-ptx: each rank's pre-training batch differs, and its gradient must be averaged like the rest
+    # PPO-ptx: each rank's pre-training batch differs, and its gradient must be averaged like the rest;
+    # checkpointing: the tied output layer's gradient is written into .grad outside autograd's own
+    # accumulation, and DDP must still average it (the uneven-minibatch worker runs without)
     agent = PPO(envs, PPOConfig(num_steps=4, whole_episodes=True, update_epochs=2, num_minibatches=2,
-                                learning_rate=1e-3, seed=2, ptx_coef=0.5, ptx_data=list(SAMPLE_PROMPTS)))
+                                learning_rate=1e-3, seed=2, ptx_coef=0.5, ptx_data=list(SAMPLE_PROMPTS),
+                                gradient_checkpointing=True))
+    assert agent.policy.sliced_scores and agent.policy.head.output.weight.requires_grad
     start = flat_parameters(agent)
     agent.learn(3 * agent.config.batch_size, progress=False)
     responses = agent.buffer.actions.flatten().tolist()

@@ -105,6 +105,26 @@ def test_an_update_trains_the_same_weights_with_and_without_slices(llama_dir, mo
         torch.testing.assert_close(sliced[name], whole[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_tied_output_layer_gets_one_dense_gradient_the_lookups_only_their_rows(llama_dir):
+    # the tiny Llama ties its output layer to the input embedding, as SmolLM2 does
+    envs = gym.make_vec("TextRLHF-v0", num_envs=2, model=str(llama_dir), reward="length",
+                        prompts=list(SAMPLE_PROMPTS), max_new_tokens=4)
+    agent = PPO(envs, PPOConfig(num_steps=4, whole_episodes=True, num_minibatches=1, update_epochs=1, seed=0,
+                                gradient_checkpointing=True))
+    weight = agent.policy.head.output.weight
+    assert weight is agent.policy.head.trunk.get_input_embeddings().weight
+    arrived = []  # what autograd itself brings to the weight: the lookups' part, summed
+    handle = weight.register_hook(lambda grad: arrived.append(grad.layout))
+    seen_grads = []
+    original_step = agent.optimizer.step
+    agent.optimizer.step = lambda: (seen_grads.append(weight.grad.layout), original_step())[1]
+    agent.learn(agent.config.batch_size, progress=False)
+    handle.remove()
+    assert arrived and all(layout == torch.sparse_coo for layout in arrived)  # no second [vocab, width] tensor
+    assert seen_grads and all(layout == torch.strided for layout in seen_grads)  # the optimizer's is dense
+    assert not agent.policy.head.trunk.get_input_embeddings().sparse  # switched on for the update forward only
+
+
 def test_an_adapted_output_layer_keeps_the_whole_batch_route(llama_dir):
     envs = gym.make_vec("TextRLHF-v0", num_envs=2, model=str(llama_dir), reward="length",
                         prompts=list(SAMPLE_PROMPTS), max_new_tokens=4)
