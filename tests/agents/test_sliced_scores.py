@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import gymnasium as gym
 import pytest
 import torch
@@ -84,22 +86,26 @@ def test_sliced_scores_keep_bfloat16_hidden_states_bfloat16_in_the_gradient(llam
     assert head.output.weight.grad.dtype == torch.float32
 
 
-def _trained_weights(model_dir, *, sliced: bool, ent_coef: float) -> dict[str, torch.Tensor]:
+def _trained_weights(model_dir, *, sliced: bool, **config: Any) -> dict[str, torch.Tensor]:
     envs = gym.make_vec("TextRLHF-v0", num_envs=4, model=str(model_dir), reward="length",
                         prompts=list(SAMPLE_PROMPTS), max_new_tokens=6, temperature=0.8)
     agent = PPO(envs, PPOConfig(num_steps=6, whole_episodes=True, update_epochs=2, num_minibatches=2,
-                                learning_rate=1e-3, seed=4, ent_coef=ent_coef, gradient_checkpointing=True))
+                                learning_rate=1e-3, seed=4, gradient_checkpointing=True, **config))
     assert agent.policy.sliced_scores  # a plain linear output layer, memory options on: the sliced route
     agent.policy.sliced_scores = sliced
     agent.learn(2 * agent.config.batch_size, progress=False)
     return {name: p.detach().clone() for name, p in agent.policy.named_parameters()}
 
 
-@pytest.mark.parametrize("ent_coef", [0.0, 0.01])
-def test_an_update_trains_the_same_weights_with_and_without_slices(llama_dir, monkeypatch, ent_coef):
+@pytest.mark.parametrize("config", [
+    {"ent_coef": 0.0}, {"ent_coef": 0.01},
+    # the tied output layer's .grad already holds a part (PPO-ptx's, an earlier chunk's): added to, not replaced
+    {"ent_coef": 0.0, "gradient_accumulation_steps": 2, "ptx_coef": 0.5, "ptx_data": list(SAMPLE_PROMPTS)},
+], ids=["no-entropy", "entropy", "accumulated-with-ptx"])
+def test_an_update_trains_the_same_weights_with_and_without_slices(llama_dir, monkeypatch, config):
     monkeypatch.setattr(sliced_scores, "SLICE_ELEMENTS", 1)  # one row a slice
-    whole = _trained_weights(llama_dir, sliced=False, ent_coef=ent_coef)
-    sliced = _trained_weights(llama_dir, sliced=True, ent_coef=ent_coef)
+    whole = _trained_weights(llama_dir, sliced=False, **config)
+    sliced = _trained_weights(llama_dir, sliced=True, **config)
     assert whole.keys() == sliced.keys()
     for name in whole:
         torch.testing.assert_close(sliced[name], whole[name], rtol=1e-4, atol=1e-5, msg=name)
