@@ -102,8 +102,6 @@ class LMActorCritic(nn.Module):
         # checkpointing trades compute for memory: the update's logits are then recomputed in the backward
         # too, a slice of rows at a time (no [tokens, vocab] tensor), where the output layer allows it
         self.sliced_scores = config.gradient_checkpointing and can_slice(self.head)
-        # an output layer tied to the input embedding: its gradient is then made once, not twice
-        self._tied_embedding = tied_embedding(self.head, self.head.trunk)
         self.checkpointed = checkpointed_blocks(
             [self.model] + ([self.critic_trunk] if self.critic_trunk is not None else [])
         ) if config.gradient_checkpointing else []
@@ -244,7 +242,8 @@ class LMActorCritic(nn.Module):
         # and attention over pad columns would cost as much as over real tokens
         first = int(torch.nonzero(seq_mask.any(0))[0])
         # (clamped: an empty row, e.g. an unused step of a rollout that ended early, is never trained on)
-        tied = self._tied_embedding if self.sliced_scores else None
+        # an output layer tied to the input embedding: its gradient is then made once, not twice
+        tied = tied_embedding(self.head, self.head.trunk) if self.sliced_scores else None
         with tied_lookups(tied):
             hidden, values = self._hidden_and_values(seq_ids[:, first:], seq_mask[:, first:], rows,
                                                      (last - first).clamp(min=0))
