@@ -243,7 +243,7 @@ class LMActorCritic(nn.Module):
         first = int(torch.nonzero(seq_mask.any(0))[0])
         # (clamped: an empty row, e.g. an unused step of a rollout that ended early, is never trained on)
         # an output layer tied to the input embedding: its gradient is then made once, not twice
-        tied = tied_embedding(self.head, self.head.trunk) if self.sliced_scores else None
+        tied = tied_embedding(self.head) if self.sliced_scores else None
         with tied_lookups(tied):
             hidden, values = self._hidden_and_values(seq_ids[:, first:], seq_mask[:, first:], rows,
                                                      (last - first).clamp(min=0))

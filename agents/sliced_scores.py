@@ -46,9 +46,9 @@ def can_slice(head: LogitHead) -> bool:
     return type(head.output) is nn.Linear
 
 
-def tied_embedding(head: LogitHead, trunk: nn.Module) -> nn.Embedding | None:
-    """``trunk``'s input embedding where it shares its weight with ``head``'s output layer, else None."""
-    embedding = trunk.get_input_embeddings()
+def tied_embedding(head: LogitHead) -> nn.Embedding | None:
+    """``head``'s trunk's input embedding where it shares its weight with the output layer, else None."""
+    embedding = head.trunk.get_input_embeddings()
     output: Any = head.output
     tied = isinstance(embedding, nn.Embedding) and embedding.weight is getattr(output, "weight", None)
     return embedding if tied else None
