@@ -14,8 +14,12 @@ from contextlib import contextmanager
 from torch import nn
 
 
-def checkpointed_blocks(models: list[nn.Module]) -> list[nn.Module]:
-    """Turn on transformers' checkpointing in each model; return the decoder blocks it recomputes."""
+def checkpointed_blocks(models: list[nn.Module], fraction: float = 1.0) -> list[nn.Module]:
+    """Turn on transformers' checkpointing in each model; return the decoder blocks it recomputes.
+
+    ``fraction``: the share of each model's blocks recomputed, the first ones (at least one). The
+    others keep their activations from the forward to the backward: more memory, less compute.
+    """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     blocks: list[nn.Module] = []
@@ -31,7 +35,11 @@ def checkpointed_blocks(models: list[nn.Module]) -> list[nn.Module]:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-        blocks += [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        own = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        kept = max(1, round(fraction * len(own)))
+        for block in own[kept:]:
+            block.gradient_checkpointing = False
+        blocks += own[:kept]
     if not blocks:
         raise ValueError(
             "PPOConfig.gradient_checkpointing=True, but the policy has no decoder blocks that transformers "

@@ -120,6 +120,10 @@ class PPOConfig:
     rest during the backward (transformers' activation checkpointing); the output layer's logits are
     then recomputed too, a slice of states at a time, instead of a ``[states, vocab]`` tensor for the
     whole minibatch: less memory, more compute."""
+    gradient_checkpointing_fraction: float = 1.0
+    """With ``gradient_checkpointing``: the share of decoder blocks recomputed in the backward (the
+    first ones). Each block left out keeps its activations instead, trading memory for time: for
+    SmolLM2-135M at minibatches of 8 responses, ~16 MB and ~1 % of a LoRA update's time per block."""
     ptx_coef: float = 0.0
     """Language-model policies: weight of the pre-training loss mixed into every update
     (InstructGPT's PPO-ptx); 0 turns it off."""
@@ -301,6 +305,7 @@ _KINDS: dict[str, tuple[str, Any]] = {
     "positive": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
     "non_negative": ("a finite number >= 0", lambda v: _is_number(v) and v >= 0),
     "unit": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+    "share": ("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
     "finite": ("a finite number", _is_number),
     "positive_or_none": ("a finite number > 0, or None", lambda v: v is None or (_is_number(v) and v > 0)),
     "bool": ("True or False", lambda v: isinstance(v, bool)),
@@ -340,7 +345,8 @@ FIELD_RULES: dict[str, tuple[str, Any]] = {
     "seed": ("seed", 0), "torch_threads": ("positive_int_or_none", 4), "max_nonfinite_steps": ("count", 3),
     "lora_r": ("count", 16), "lora_alpha": ("positive", 32.0), "lora_dropout": ("dropout", 0.05),
     "lora_target_modules": ("modules", "all-linear"), "lora_config": ("lora_config", None),
-    "gradient_checkpointing": ("bool", True), "device": ("device", "cpu"), "mixed_precision": ("choice", "bf16"),
+    "gradient_checkpointing": ("bool", True), "gradient_checkpointing_fraction": ("share", 0.5),
+    "device": ("device", "cpu"), "mixed_precision": ("choice", "bf16"),
 }
 
 

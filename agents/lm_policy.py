@@ -103,7 +103,8 @@ class LMActorCritic(nn.Module):
         # too, a slice of rows at a time (no [tokens, vocab] tensor), where the output layer allows it
         self.sliced_scores = config.gradient_checkpointing and can_slice(self.head)
         self.checkpointed = checkpointed_blocks(
-            [self.model] + ([self.critic_trunk] if self.critic_trunk is not None else [])
+            [self.model] + ([self.critic_trunk] if self.critic_trunk is not None else []),
+            config.gradient_checkpointing_fraction,
         ) if config.gradient_checkpointing else []
         hidden = int(self.model.config.hidden_size)
         if self.critic_trunk is not None:

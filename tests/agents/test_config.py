@@ -242,3 +242,7 @@ def test_the_text_preset_raises_the_learning_rate_and_checkpoints_for_lora_unles
     # LoRA's point is memory: activation checkpointing is on by default with it, and off without it
     assert lora.gradient_checkpointing and not full.gradient_checkpointing
     assert not chosen.gradient_checkpointing
+    # for a third of the blocks LoRA keeps the activations: they take less time than they cost in memory
+    assert lora.gradient_checkpointing_fraction == 0.67 and full.gradient_checkpointing_fraction == 1.0
+    halved = resolve_config("TextRLHF-v0", PPOConfig(lora_r=16, gradient_checkpointing_fraction=0.5))
+    assert halved.gradient_checkpointing and halved.gradient_checkpointing_fraction == 0.5

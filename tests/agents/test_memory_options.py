@@ -18,7 +18,7 @@ def llama_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("gc_llama"), arch="llama", seed=0, n_layer=2, n_embd=32)
 
 
-def _trained(model_dir, **changes):
+def _trained(model_dir, block_name="layers.0", **changes):
     envs = gym.make_vec("TextRLHF-v0", num_envs=4, model=str(model_dir), reward="length",
                         prompts=list(SAMPLE_PROMPTS), max_new_tokens=6)
     settings = {"num_steps": 6, "whole_episodes": True, "update_epochs": 2, "num_minibatches": 2,
@@ -26,7 +26,7 @@ def _trained(model_dir, **changes):
     agent = PPO(envs, PPOConfig(**{**settings, **changes}))
     # transformers' checkpointing replays what is inside a block, the block's own hooks stay outside
     modules = dict(agent.policy.model.named_modules())
-    block = next(m for name, m in modules.items() if name.endswith("layers.0"))
+    block = next(m for name, m in modules.items() if name.endswith(block_name))
     calls: dict[str, int] = {"block": 0, "mlp": 0, "rollout": 0, "prefix block": 0, "prefix mlp": 0}
 
     def count(name):
@@ -64,6 +64,25 @@ def test_checkpointing_recomputes_blocks_and_trains_the_same_weights(llama_dir, 
         torch.testing.assert_close(after[name], value, rtol=1e-4, atol=1e-5, msg=name)
     # and the policy stays in eval mode (no dropout) outside and after the update
     assert not any(m.training for m in checkpointed.policy.model.modules())
+
+
+def test_a_fraction_of_the_blocks_is_recomputed_and_the_same_weights_trained(llama_dir):
+    plain, _ = _trained(llama_dir, gradient_checkpointing=False)
+    half = {"gradient_checkpointing": True, "gradient_checkpointing_fraction": 0.5}  # 1 of the 2 blocks
+    first, first_calls = _trained(llama_dir, "layers.0", **half)
+    _, second_calls = _trained(llama_dir, "layers.1", **half)
+    assert first.policy.checkpointed == [first.policy.model.get_submodule("model.layers.0")]
+    assert first_calls["mlp"] == 2 * first_calls["block"] > 0  # the first block replayed in the backward
+    assert second_calls["mlp"] == second_calls["block"] > 0  # the second kept its activations
+    before, after = _trainable(plain), _trainable(first)
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fraction", [0, 1.5, "half", None])
+def test_a_checkpointed_share_outside_0_to_1_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"^PPOConfig.gradient_checkpointing_fraction=.* must be a number in \(0, 1\]"):
+        PPOConfig(gradient_checkpointing=True, gradient_checkpointing_fraction=fraction)
 
 
 def test_checkpointing_on_an_mlp_policy_is_refused():
