@@ -23,23 +23,28 @@ def family_dir(request, tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp(request.param), arch=request.param, seed=1)
 
 
-def _agent(model_dir, *, gradient_checkpointing=False, **env_kwargs):
+def _agent(model_dir, *, checkpointed_share=0.0, **env_kwargs):
     envs = gym.make_vec(
         "TextRLHF-v0", num_envs=4, model=str(model_dir), reward="length", prompts=list(SAMPLE_PROMPTS),
         max_new_tokens=6, temperature=0.9, **env_kwargs,
     )
-    return PPO(envs, PPOConfig(update_epochs=1, num_minibatches=1, seed=0, learning_rate=1e-3,
-                               gradient_checkpointing=gradient_checkpointing))
+    checkpointing = {"gradient_checkpointing": checkpointed_share > 0}
+    if checkpointed_share > 0:
+        checkpointing["gradient_checkpointing_fraction"] = checkpointed_share
+    return PPO(envs, PPOConfig(update_epochs=1, num_minibatches=1, seed=0, learning_rate=1e-3, **checkpointing))
 
 
 @pytest.mark.parametrize("sampling", [{}, {"top_k": 8, "top_p": 0.9}], ids=["full", "truncated"])
-# checkpointing: blocks recomputed over a read-only prompt cache and the tokens scored in row slices
-@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointing"])
+# checkpointing: blocks recomputed over a read-only prompt cache and the tokens scored in row slices;
+# "half": one of the two blocks recomputed, the other keeping its activations, in the same forward
+@pytest.mark.parametrize("checkpointed_share", [0.0, 1.0, 0.5], ids=["plain", "checkpointing", "half"])
 def test_ratio_is_one_and_nothing_clips_before_the_first_step(
-    family_dir, sampling, gradient_checkpointing, first_rollout_log_ratios
+    family_dir, sampling, checkpointed_share, first_rollout_log_ratios
 ):
-    agent = _agent(family_dir, gradient_checkpointing=gradient_checkpointing, **sampling)
-    assert agent.policy.sliced_scores == gradient_checkpointing
+    agent = _agent(family_dir, checkpointed_share=checkpointed_share, **sampling)
+    assert agent.policy.sliced_scores == (checkpointed_share > 0)
+    blocks = agent.policy.model.config.num_hidden_layers
+    assert len(agent.policy.checkpointed) == round(checkpointed_share * blocks)
     log_ratio, buf = first_rollout_log_ratios(agent)
     assert log_ratio.abs().max() < 1e-5
     # the same through PPO's own update: one minibatch, its statistics taken before the step
