@@ -39,8 +39,8 @@ iteration and then ``--iterations`` measured ones; the table reports medians. Wh
   ``lora_r=16, lora_alpha=32, lora_target_modules="all-linear"``, the reference being the base model
   with the adapters off, scored in the same forward as the policy (peft's mixed-adapter batches);
   ``ours-lora-2fwd`` scores it in a forward of its own instead; ``ours-lora-gc`` is LoRA plus
-  activation checkpointing (which the TextRLHF-v0 preset turns on under LoRA anyway: ``ours-lora``
-  runs the same settings, as users get them).
+  activation checkpointing (which the TextRLHF-v0 preset turns on under LoRA anyway, for 2/3 of the
+  decoder blocks: ``ours-lora`` runs the same settings, as users get them).
 * TRL: ``trl.experimental.ppo.PPOTrainer`` with the settings of the reference figures
   (``../shared/PEERS.md``): batch B, ``num_mini_batches = B / 8``, 4 PPO epochs, 32 response
   tokens, no EOS stop, fp32 on CPU, lr 3e-6, kl_coef 0.05, clip 0.2 / 0.2, vf_coef 0.1, gamma 1,
