@@ -28,10 +28,9 @@ def _agent(model_dir, *, checkpointed_share=0.0, **env_kwargs):
         "TextRLHF-v0", num_envs=4, model=str(model_dir), reward="length", prompts=list(SAMPLE_PROMPTS),
         max_new_tokens=6, temperature=0.9, **env_kwargs,
     )
-    checkpointing = {"gradient_checkpointing": checkpointed_share > 0}
-    if checkpointed_share > 0:
-        checkpointing["gradient_checkpointing_fraction"] = checkpointed_share
-    return PPO(envs, PPOConfig(update_epochs=1, num_minibatches=1, seed=0, learning_rate=1e-3, **checkpointing))
+    return PPO(envs, PPOConfig(update_epochs=1, num_minibatches=1, seed=0, learning_rate=1e-3,
+                               gradient_checkpointing=checkpointed_share > 0,
+                               gradient_checkpointing_fraction=checkpointed_share or 1.0))
 
 
 @pytest.mark.parametrize("sampling", [{}, {"top_k": 8, "top_p": 0.9}], ids=["full", "truncated"])
