@@ -12,7 +12,7 @@ Rows [0, N) of the batch are the policy's, rows [N, 2N) the reference's, on the 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from .kl import token_logprobs
 from .lm_head import eval_mode
 from .prefix import SharedPrefix, prefix_cache
 
-__all__ = ["BASE_ADAPTER", "PairedDecodeState", "ReferenceRows", "lora_layers"]
+__all__ = ["BASE_ADAPTER", "PairedDecodeState", "PolicyRows", "ReferenceRows", "lora_layers", "policy_rows"]
 
 BASE_ADAPTER = "__base__"
 """peft's name for "no adapter" in a mixed-adapter batch."""
@@ -75,36 +75,57 @@ def _plain_linear(layer: nn.Module, adapter: str) -> bool:
 def _policy_rows_forward(layer: nn.Module, adapter: str, rows: int) -> Any:
     """The layer's forward with `adapter` added to rows [0, rows) only: slices, not peft's per-row index lists."""
     base, down, up = layer.get_base_layer(), layer.lora_A[adapter], layer.lora_B[adapter]
-    dropout, scaling = layer.lora_dropout[adapter], layer.scaling[adapter]
+    dropout, scaling = layer.lora_dropout[adapter], layer.scaling  # read at each call: peft may rescale
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         result = base(x)
-        result[:rows] += up(down(dropout(x[:rows]))) * scaling
+        result[:rows] += up(down(dropout(x[:rows]))) * scaling[adapter]
         return result
 
     return forward
 
 
-@contextmanager
-def policy_rows(layers: list[nn.Module], adapter: str, rows: int) -> Iterator[None]:
-    """Inside, each LoRA layer applies `adapter` to batch rows [0, rows) and the base model to the rest.
+class PolicyRows:
+    """LoRA layers that apply `adapter` to batch rows [0, rows) and the base model to the rest.
 
     What `adapter_per_row` computes, with less work per layer call: peft's mixed-batch path builds
     index lists in Python and gathers and scatters the rows, in ~200 layer calls per decoding step.
-    Vanilla LoRA Linear layers get a plain forward on row slices for the duration; other kinds of
-    layers (DoRA, embeddings, ...) keep peft's per-row route.
+    Vanilla LoRA Linear layers get a plain forward on row slices while `rows(n)` is entered; other
+    kinds of layers (DoRA, embeddings, ...) keep peft's per-row route. Which layers qualify, and their
+    slice forwards, are worked out once: entering then writes one attribute per layer (going through
+    nn.Module's setattr, and checking every layer anew, cost ~5 ms a decoding step).
     """
-    plain = [_plain_linear(layer, adapter) for layer in layers]
-    fast = [layer for layer, ok in zip(layers, plain, strict=True) if ok]
-    others = [layer for layer, ok in zip(layers, plain, strict=True) if not ok]
-    for layer in fast:
-        layer.forward = _policy_rows_forward(layer, adapter, rows)  # an instance attribute: shadows the method
-    try:
-        with adapter_per_row(others, [adapter] * rows + [BASE_ADAPTER] * rows) if others else nullcontext():
-            yield
-    finally:
-        for layer in fast:
-            del layer.forward
+
+    def __init__(self, layers: list[nn.Module], adapter: str) -> None:
+        self.adapter = adapter
+        plain = [_plain_linear(layer, adapter) for layer in layers]
+        self.fast = [layer for layer, ok in zip(layers, plain, strict=True) if ok]
+        self.others = [layer for layer, ok in zip(layers, plain, strict=True) if not ok]
+        self._forwards: dict[int, list[Any]] = {}  # batch rows -> one slice forward per fast layer
+
+    @contextmanager
+    def rows(self, rows: int) -> Iterator[None]:
+        """Inside, the layers apply the adapter to the first `rows` rows of each batch only."""
+        if any(layer.merged or layer.disable_adapters for layer in self.fast):  # changed since: take peft's route
+            with adapter_per_row(self.fast + self.others, [self.adapter] * rows + [BASE_ADAPTER] * rows):
+                yield
+            return
+        if rows not in self._forwards:
+            self._forwards[rows] = [_policy_rows_forward(layer, self.adapter, rows) for layer in self.fast]
+        for layer, forward in zip(self.fast, self._forwards[rows], strict=True):
+            layer.__dict__["forward"] = forward  # an instance attribute: shadows the method
+        try:
+            with adapter_per_row(self.others, [self.adapter] * rows + [BASE_ADAPTER] * rows) if self.others \
+                    else nullcontext():
+                yield
+        finally:
+            for layer in self.fast:
+                layer.__dict__.pop("forward", None)
+
+
+def policy_rows(layers: list[nn.Module], adapter: str, rows: int) -> AbstractContextManager[None]:
+    """Inside, each LoRA layer applies `adapter` to batch rows [0, rows) and the base model to the rest."""
+    return PolicyRows(layers, adapter).rows(rows)
 
 
 class PairedDecodeState(DecodeState):
@@ -118,22 +139,24 @@ class PairedDecodeState(DecodeState):
     def __init__(self, model: nn.Module, *, adapter: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.adapter = adapter
-        self._layers = lora_layers(model)
+        self._rows = PolicyRows(lora_layers(model), adapter)
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        with policy_rows(self._layers, self.adapter, ids.shape[0]):
+        with self._rows.rows(ids.shape[0]):
             return super()._forward(torch.cat([ids, ids]), torch.cat([mask, mask]), cache)
 
     def _score(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head.logits(hidden)  # one call: a LoRA'd output layer takes all 2N rows at once
+        if self.top_k == 0 and self.top_p >= 1.0:  # both halves at the temperature alone: one call, no copy
+            return token_logprobs(logits, self.temperature)
         rows = hidden.shape[0] // 2
         policy = token_logprobs(logits[:rows], self.temperature, self.top_k, self.top_p)
         return torch.cat([policy, token_logprobs(logits[rows:], self.temperature)])
 
     def _prefix_cache(self, shared: SharedPrefix, rows: int) -> DynamicCache | None:
-        with torch.no_grad(), eval_mode(self._modules), policy_rows(self._layers, self.adapter, 1):
+        with torch.no_grad(), eval_mode(self._modules), self._rows.rows(1):
             return prefix_cache(self.head.trunk, shared, rows, groups=2)
 
     def _cache_rows(self, rows: list[int]) -> torch.Tensor:

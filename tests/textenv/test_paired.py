@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from textenv.paired import BASE_ADAPTER, adapter_per_row, lora_layers, policy_rows
+from textenv.paired import BASE_ADAPTER, PolicyRows, adapter_per_row, lora_layers, policy_rows
 
 peft = pytest.importorskip("peft")
 
@@ -58,3 +58,24 @@ def test_layers_the_fast_route_cannot_run_keep_peft_per_row_adapters(llama_dir):
         with policy_rows(layers, "default", 2):
             got = model(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_prepared_row_forwards_follow_later_changes_to_the_adapters(adapted):
+    wrapper, model = adapted
+    layers = lora_layers(model)
+    prepared = PolicyRows(layers, "default")  # made once, entered at every decoding step
+    ids = torch.randint(10, (4, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with prepared.rows(2):
+            before = model(input_ids=ids).logits
+        for layer in layers:
+            layer.scaling["default"] *= 3.0  # peft's set_scale / scale_layer write here
+        with adapter_per_row(layers, ["default"] * 2 + [BASE_ADAPTER] * 2):
+            expected = model(input_ids=ids).logits
+        with prepared.rows(2):
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        assert (got[:2] - before[:2]).abs().max() > 1e-3  # the policy rows changed with the scale
+        wrapper.merge_adapter()  # the base weights now hold the adapters: row slices would add them twice
+        with pytest.raises(ValueError, match="merged adapters"), prepared.rows(2):
+            model(input_ids=ids)
