@@ -38,9 +38,9 @@ iteration and then ``--iterations`` measured ones; the table reports medians. Wh
   (an allocator setting of the user's shell, not of the library; TRL is not run with it). ``ours-lora``:
   ``lora_r=16, lora_alpha=32, lora_target_modules="all-linear"``, the reference being the base model
   with the adapters off, scored in the same forward as the policy (peft's mixed-adapter batches);
-  ``ours-lora-2fwd`` scores it in a forward of its own instead; ``ours-lora-gc`` is LoRA plus
-  activation checkpointing (which the TextRLHF-v0 preset turns on under LoRA anyway, for 2/3 of the
-  decoder blocks: ``ours-lora`` runs the same settings, as users get them).
+  ``ours-lora-2fwd`` scores it in a forward of its own instead. The TextRLHF-v0 preset turns on
+  activation checkpointing under LoRA for 2/3 of the decoder blocks, so ``ours-lora`` runs those
+  settings, as users get them; ``ours-lora-gc`` recomputes every block (``gradient_checkpointing_fraction=1``).
 * TRL: ``trl.experimental.ppo.PPOTrainer`` with the settings of the reference figures
   (``../shared/PEERS.md``): batch B, ``num_mini_batches = B / 8``, 4 PPO epochs, 32 response
   tokens, no EOS stop, fp32 on CPU, lr 3e-6, kl_coef 0.05, clip 0.2 / 0.2, vf_coef 0.1, gamma 1,
@@ -102,7 +102,7 @@ LABELS = {
     "ours-bf16ref-gc": "ours, bf16 reference + activation checkpointing",
     "ours-bf16ref-gc-mmap": "ours, bf16 reference + activation checkpointing, MALLOC_MMAP_THRESHOLD_=512 KiB",
     "ours-lora": "ours, LoRA r=16", "ours-lora-2fwd": "ours, LoRA r=16, reference as a 2nd forward",
-    "ours-lora-gc": "ours, LoRA r=16 + activation checkpointing", "trl": "TRL 1.12", "generate": "generate",
+    "ours-lora-gc": "ours, LoRA r=16, every block recomputed", "trl": "TRL 1.12", "generate": "generate",
 }
 # our variants: PPOConfig and env settings on top of the common ones
 OURS: dict[str, dict[str, Any]] = {
@@ -117,8 +117,9 @@ OURS: dict[str, dict[str, Any]] = {
     "ours-lora": {"config": {"lora_r": 16, "lora_alpha": 32.0, "lora_target_modules": "all-linear"}, "env": {}},
     "ours-lora-2fwd": {"config": {"lora_r": 16, "lora_alpha": 32.0, "lora_target_modules": "all-linear"},
                        "env": {}, "mixed_batches": False},
+    # the preset already recomputes 2/3 of the blocks under LoRA: this row recomputes all of them
     "ours-lora-gc": {"config": {"lora_r": 16, "lora_alpha": 32.0, "lora_target_modules": "all-linear",
-                                "gradient_checkpointing": True}, "env": {}},
+                                "gradient_checkpointing": True, "gradient_checkpointing_fraction": 1.0}, "env": {}},
 }
 LORA = ("ours-lora", "ours-lora-2fwd", "ours-lora-gc")
 DEFAULT_BATCHES = {"tiny": (16, 64), "smollm2": (16,)} | dict.fromkeys(LLAMA_SIZES, (16,))
