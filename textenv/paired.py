@@ -12,7 +12,7 @@ Rows [0, N) of the batch are the policy's, rows [N, 2N) the reference's, on the 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from .kl import token_logprobs
 from .lm_head import eval_mode
 from .prefix import SharedPrefix, prefix_cache
 
-__all__ = ["BASE_ADAPTER", "PairedDecodeState", "PolicyRows", "ReferenceRows", "lora_layers", "policy_rows"]
+__all__ = ["BASE_ADAPTER", "PairedDecodeState", "PolicyRows", "ReferenceRows", "lora_layers"]
 
 BASE_ADAPTER = "__base__"
 """peft's name for "no adapter" in a mixed-adapter batch."""
@@ -59,7 +59,7 @@ def adapter_per_row(layers: list[nn.Module], names: list[str]) -> Iterator[None]
 
 
 def _plain_linear(layer: nn.Module, adapter: str) -> bool:
-    """A peft LoRA Linear whose `adapter` is vanilla LoRA on an nn.Linear, unmerged: `policy_rows` can run it."""
+    """A peft LoRA Linear whose `adapter` is vanilla LoRA on an nn.Linear, unmerged: `PolicyRows` can run it."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError:  # pragma: no cover - no peft, no LoRA layers
@@ -106,8 +106,9 @@ class PolicyRows:
     @contextmanager
     def rows(self, rows: int) -> Iterator[None]:
         """Inside, the layers apply the adapter to the first `rows` rows of each batch only."""
+        names = [self.adapter] * rows + [BASE_ADAPTER] * rows
         if any(layer.merged or layer.disable_adapters for layer in self.fast):  # changed since: take peft's route
-            with adapter_per_row(self.fast + self.others, [self.adapter] * rows + [BASE_ADAPTER] * rows):
+            with adapter_per_row(self.fast + self.others, names):
                 yield
             return
         if rows not in self._forwards:
@@ -115,17 +116,11 @@ class PolicyRows:
         for layer, forward in zip(self.fast, self._forwards[rows], strict=True):
             layer.__dict__["forward"] = forward  # an instance attribute: shadows the method
         try:
-            with adapter_per_row(self.others, [self.adapter] * rows + [BASE_ADAPTER] * rows) if self.others \
-                    else nullcontext():
+            with adapter_per_row(self.others, names) if self.others else nullcontext():
                 yield
         finally:
             for layer in self.fast:
                 layer.__dict__.pop("forward", None)
-
-
-def policy_rows(layers: list[nn.Module], adapter: str, rows: int) -> AbstractContextManager[None]:
-    """Inside, each LoRA layer applies `adapter` to batch rows [0, rows) and the base model to the rest."""
-    return PolicyRows(layers, adapter).rows(rows)
 
 
 class PairedDecodeState(DecodeState):

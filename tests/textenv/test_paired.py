@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from textenv.paired import BASE_ADAPTER, PolicyRows, adapter_per_row, lora_layers, policy_rows
+from textenv.paired import BASE_ADAPTER, PolicyRows, adapter_per_row, lora_layers
 
 peft = pytest.importorskip("peft")
 
@@ -35,7 +35,7 @@ def test_policy_rows_compute_the_adapted_and_the_base_model_without_peft_mixed_b
             raise AssertionError("peft's per-row index route was taken")
 
         monkeypatch.setattr(type(layers[0]), "_mixed_batch_forward", refuse)
-        with policy_rows(layers, "default", 3):
+        with PolicyRows(layers, "default").rows(3):
             paired = model(input_ids=ids).logits
     assert (policy - base).abs().max() > 1e-3  # the adapters matter
     torch.testing.assert_close(paired, mixed, atol=0, rtol=0)
@@ -55,7 +55,7 @@ def test_layers_the_fast_route_cannot_run_keep_peft_per_row_adapters(llama_dir):
     with torch.no_grad():
         with adapter_per_row(layers, ["default"] * 2 + [BASE_ADAPTER] * 2):
             expected = model(input_ids=ids).logits
-        with policy_rows(layers, "default", 2):
+        with PolicyRows(layers, "default").rows(2):
             got = model(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
