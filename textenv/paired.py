@@ -133,7 +133,6 @@ class PairedDecodeState(DecodeState):
 
     def __init__(self, model: nn.Module, *, adapter: str, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        self.adapter = adapter
         self._rows = PolicyRows(lora_layers(model), adapter)
 
     def _forward(
